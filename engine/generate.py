@@ -1,0 +1,166 @@
+"""The engine: one code path from a checked request to image files, for all three modes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from engine.config import Settings
+from engine.fast import use_fast_path
+from engine.inputs import LoraRequest, Mode, Request
+from engine.outputs import clear_folder, save_images
+from engine.pipelines import FluxModel, load_models
+from lora_loading import LoraAdapters, LoraFile
+from safety import SafetyChecker
+from weights import LoraCache, fetch_lora, redact
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(phase: str, device: torch.device) -> Iterator[None]:
+    """Log one line with the phase's wall time. CUDA runs asynchronously, so the clock is
+    read only after the GPU has finished the phase's work."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    log.info("Timing: %s took %.3f s.", phase, time.perf_counter() - start)
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "big")
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = settings.device
+        with timed("loading FLUX.1 dev and schnell", self.device):
+            self.models: dict[str, FluxModel] = load_models(settings)
+        with timed("loading the safety checker", self.device):
+            self.safety = SafetyChecker(
+                settings.safety_checker_weights, settings.nsfw_classifier_weights, self.device, settings.dtype
+            )
+        self.loras = {name: LoraAdapters(model.text_to_image) for name, model in self.models.items()}
+        self.lora_cache = LoraCache.from_env()
+        self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
+
+    @torch.inference_mode()
+    def predict(self, request: Request) -> list[Path]:
+        clear_folder(self.output_folder)
+        model = self.models[request.model]
+        pipeline = model.pipelines[request.mode]
+        use_fast_path(request.go_fast, self.device)
+        seed = request.seed if request.seed is not None else random_seed()
+        log.info(
+            "Mode %s on %s: %dx%d, %d image(s), %d steps, seed %d.",
+            request.mode.value,
+            model.name,
+            request.width,
+            request.height,
+            request.num_outputs,
+            request.num_inference_steps,
+            seed,
+        )
+
+        with timed("loading LoRAs", self.device):
+            self._apply_loras(request)
+
+        with timed("text encoding", self.device):
+            # One prompt embedding per image, so the batched call draws the same noise as
+            # diffusers' own `num_images_per_prompt`.
+            prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
+                prompt=request.prompt,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=request.num_outputs,
+                max_sequence_length=model.max_sequence_length,
+            )
+
+        with timed("denoising", self.device):
+            latents = pipeline(
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                generator=torch.Generator(device=self.device).manual_seed(seed),
+                max_sequence_length=model.max_sequence_length,
+                output_type="latent",
+                callback_on_step_end=_log_step,
+                **_image_inputs(request),
+            ).images
+
+        with timed("decoding", self.device):
+            images = decode_latents(pipeline, latents, request.width, request.height)
+
+        if request.disable_safety_checker:
+            log.info("Safety checker disabled by the request.")
+        else:
+            with timed("safety check", self.device):
+                images = self.safety.filter(images)
+
+        with timed("encoding files", self.device):
+            return save_images(images, self.output_folder, request.output_format, request.output_quality)
+
+    def _apply_loras(self, request: Request) -> None:
+        """Fetch first, then apply: a failed download leaves the model untouched."""
+        wanted = _unique_loras(request.loras)
+        files = [
+            LoraFile(
+                lora.input_name, lora.source, fetch_lora(lora.input_name, lora.source, self.lora_cache), lora.scale
+            )
+            for lora in wanted
+        ]
+        self.loras[request.model].apply(files)
+        for lora in wanted:
+            log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
+
+
+def _unique_loras(loras: tuple[LoraRequest, ...]) -> list[LoraRequest]:
+    unique: list[LoraRequest] = []
+    for lora in loras:
+        if any(kept.source == lora.source for kept in unique):
+            log.warning(
+                "%s names the same LoRA as %s; it is applied once, at %s's scale.",
+                lora.input_name,
+                unique[0].input_name,
+                unique[0].input_name,
+            )
+            continue
+        unique.append(lora)
+    return unique
+
+
+def _image_inputs(request: Request) -> dict[str, Any]:
+    if request.mode is Mode.TEXT_TO_IMAGE:
+        return {}
+    inputs: dict[str, Any] = {"image": request.image, "strength": request.prompt_strength}
+    if request.mode is Mode.INPAINTING:
+        inputs["mask_image"] = request.mask
+    return inputs
+
+
+def _log_step(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    log.info("Denoising step %d/%d.", step + 1, pipeline.num_timesteps)
+    return tensors
+
+
+def decode_latents(pipeline: Any, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    """The last lines of diffusers' Flux pipelines, run outside the call so decoding is
+    timed on its own. `_unpack_latents` is the pipelines' own (private) helper."""
+    latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+    latents = latents / pipeline.vae.config.scaling_factor + pipeline.vae.config.shift_factor
+    decoded = pipeline.vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")

@@ -1,0 +1,3 @@
+from lora_loading.adapters import LoraAdapters, LoraFile, LoraFormatError
+
+__all__ = ["LoraAdapters", "LoraFile", "LoraFormatError"]

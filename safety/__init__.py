@@ -1,0 +1,3 @@
+from safety.checker import SafetyChecker, UnsafeOutputError
+
+__all__ = ["SafetyChecker", "UnsafeOutputError"]
