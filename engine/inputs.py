@@ -89,6 +89,9 @@ def _fail(name: str, value: Any, accepted: str) -> InputError:
 def _integer(name: str, value: Any, low: int, high: int, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
+    # JSON Schema counts 3.0 as an integer and cog's validator lets it through as a float.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     # bool is an int subclass in Python; true/false is never a count or a size.
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _fail(name, value, f"expected an integer from {low} to {high}")

@@ -62,9 +62,10 @@ def load_models(settings: Settings) -> dict[str, FluxModel]:
     )
     models = {}
     for name, pipeline, max_sequence_length in (("dev", dev, 512), ("schnell", schnell, 256)):
-        # Progress goes to the prediction's log, one line a step, instead of a tqdm bar.
-        pipeline.set_progress_bar_config(disable=True)
         models[name] = FluxModel(name, _for_all_modes(pipeline), max_sequence_length)
+        for mode_pipeline in models[name].pipelines.values():
+            # Progress goes to the prediction's log, one line a step, instead of a tqdm bar.
+            mode_pipeline.set_progress_bar_config(disable=True)
         log.info(
             "Loaded FLUX.1 %s: transformer of %.2f B parameters, %s on %s.",
             name,

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny FLUX dev/schnell and safety models built offline, loaded through
+the real loaders, and a helper that calls predict() the way Cog does (every default filled)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from engine.cli import default_inputs
+from engine.demo_model import DemoModelPaths, build_demo_models, demo_model_env
+
+# Small and quick on 2 CPU cores; tests that are about sizes override these.
+FAST = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 7}
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
+    return build_demo_models(tmp_path_factory.mktemp("demo-models"))
+
+
+@pytest.fixture(scope="session")
+def unsafe_demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPaths:
+    return build_demo_models(tmp_path_factory.mktemp("unsafe-demo-models"), flag_everything_unsafe=True)
+
+
+def predictor_env(models: DemoModelPaths, lora_cache: Path, **extra: str) -> dict[str, str]:
+    return {**demo_model_env(models), "FLUX_DEVICE": "cpu", "FLUX_LORA_CACHE_DIR": str(lora_cache), **extra}
+
+
+def make_predictor(env: dict[str, str], class_name: str = "Predictor") -> Any:
+    import predict
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        predictor = getattr(predict, class_name)()
+        predictor.setup()
+    return predictor
+
+
+@pytest.fixture(scope="session")
+def predictor(demo_models: DemoModelPaths, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_predictor(predictor_env(demo_models, tmp_path_factory.mktemp("lora-cache")))
+
+
+def run(predictor: Any, **inputs: Any) -> list[bytes]:
+    """predict() with Cog's defaults for everything not given; the files' bytes, read
+    before the next prediction replaces them."""
+    outputs = predictor.predict(**{**default_inputs(predictor.predict), **inputs})
+    return [Path(path).read_bytes() for path in outputs]
+
+
+def fast(predictor: Any, **inputs: Any) -> list[bytes]:
+    return run(predictor, **{**FAST, **inputs})
+
+
+def image_of(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """Keeps a test's changes to os.environ from leaking into the next."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
