@@ -79,6 +79,8 @@ def check_lora_matches(
         if suffix is None:
             continue
         module = modules.get(key[len("transformer.") : -len(suffix)])
+        # A layer that already carries an adapter is a peft wrapper around the original.
+        module = getattr(module, "base_layer", module)
         if not isinstance(module, torch.nn.Linear):
             unmatched += 1
             continue
