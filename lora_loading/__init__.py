@@ -1,3 +1,4 @@
-from lora_loading.adapters import LoraAdapters, LoraFile, LoraFormatError
+from lora_loading.adapters import LoraAdapters
+from lora_loading.formats import LoraFile, LoraFormatError
 
 __all__ = ["LoraAdapters", "LoraFile", "LoraFormatError"]

@@ -1,0 +1,212 @@
+"""Every supported LoRA layout gives exactly the image of the same LoRA in diffusers/PEFT
+layout: each file below is written from one set of PEFT tensors, so the bytes must match."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from engine.inputs import InputError
+from tests.conftest import fast
+
+RANK = 4
+DOUBLE = "transformer.transformer_blocks.0"
+SINGLE = "transformer.single_transformer_blocks.0"
+
+
+def data_uri_of(state_dict: dict[str, torch.Tensor], folder: Path, name: str) -> str:
+    path = folder / f"{name}.safetensors"
+    safetensors.torch.save_file({k: v.clone().contiguous() for k, v in state_dict.items()}, str(path))
+    return "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def tensors() -> dict[str, torch.Tensor]:
+    """One LoRA, as raw factors: a shared down for q/k/v (as kohya and XLabs store qkv)."""
+    generator = torch.Generator().manual_seed(11)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.5
+
+    return {
+        "qkv_down": randn(RANK, 32),
+        "qkv_up": randn(96, RANK),
+        "proj_down": randn(RANK, 32),
+        "proj_up": randn(32, RANK),
+        "txt_proj_down": randn(RANK, 32),
+        "txt_proj_up": randn(32, RANK),
+        "mlp_down": randn(RANK, 128),
+        "mlp_up": randn(32, RANK),
+        "single_down": randn(RANK, 160),
+        "single_up": randn(32, RANK),
+    }
+
+
+def peft_layout(t: dict[str, torch.Tensor], scale_down: float = 1.0) -> dict[str, torch.Tensor]:
+    q_up, k_up, v_up = t["qkv_up"].split(32)
+    pairs = {
+        f"{DOUBLE}.attn.to_q": (t["qkv_down"], q_up),
+        f"{DOUBLE}.attn.to_k": (t["qkv_down"], k_up),
+        f"{DOUBLE}.attn.to_v": (t["qkv_down"], v_up),
+        f"{DOUBLE}.attn.to_out.0": (t["proj_down"], t["proj_up"]),
+        f"{DOUBLE}.attn.to_add_out": (t["txt_proj_down"], t["txt_proj_up"]),
+        f"{DOUBLE}.ff.net.2": (t["mlp_down"], t["mlp_up"]),
+        f"{SINGLE}.proj_out": (t["single_down"], t["single_up"]),
+    }
+    state_dict = {}
+    for layer, (down, up) in pairs.items():
+        state_dict[f"{layer}.lora_A.weight"] = down * scale_down
+        state_dict[f"{layer}.lora_B.weight"] = up
+    return state_dict
+
+
+# BFL module names, as kohya, ComfyUI and XLabs files use them.
+BFL_NAMES = {
+    "qkv": "double_blocks.0.img_attn.qkv",
+    "proj": "double_blocks.0.img_attn.proj",
+    "txt_proj": "double_blocks.0.txt_attn.proj",
+    "mlp": "double_blocks.0.img_mlp.2",
+    "single": "single_blocks.0.linear2",
+}
+
+
+def kohya_layout(t: dict[str, torch.Tensor], alpha: float = RANK) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for short, name in BFL_NAMES.items():
+        prefix = "lora_unet_" + name.replace(".", "_")
+        state_dict[f"{prefix}.lora_down.weight"] = t[f"{short}_down"]
+        state_dict[f"{prefix}.lora_up.weight"] = t[f"{short}_up"]
+        state_dict[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    return state_dict
+
+
+def comfyui_layout(t: dict[str, torch.Tensor], peft_names: bool) -> dict[str, torch.Tensor]:
+    down, up = ("lora_A", "lora_B") if peft_names else ("lora_down", "lora_up")
+    state_dict = {}
+    for short, name in BFL_NAMES.items():
+        state_dict[f"diffusion_model.{name}.{down}.weight"] = t[f"{short}_down"]
+        state_dict[f"diffusion_model.{name}.{up}.weight"] = t[f"{short}_up"]
+    return state_dict
+
+
+def mixture_layout(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CivitAI's "mixture": diffusers module names flattened with underscores, kohya suffixes.
+    Its diffusers converter maps attention layers only, so the LoRA here is attention only."""
+    q_up, k_up, v_up = t["qkv_up"].split(32)
+    pairs = {
+        "to_q": (t["qkv_down"], q_up),
+        "to_k": (t["qkv_down"], k_up),
+        "to_v": (t["qkv_down"], v_up),
+        "to_out_0": (t["proj_down"], t["proj_up"]),
+        "to_add_out": (t["txt_proj_down"], t["txt_proj_up"]),
+    }
+    state_dict = {}
+    for layer, (down, up) in pairs.items():
+        prefix = f"lora_transformer_transformer_blocks_0_attn_{layer}"
+        state_dict[f"{prefix}.lora_down.weight"] = down
+        state_dict[f"{prefix}.lora_up.weight"] = up
+        state_dict[f"{prefix}.alpha"] = torch.tensor(float(RANK))
+    return state_dict
+
+
+def xlabs_layout(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    layers = {
+        "double_blocks.0.processor.qkv_lora1": "qkv",
+        "double_blocks.0.processor.proj_lora1": "proj",
+        "double_blocks.0.processor.proj_lora2": "txt_proj",
+        "single_blocks.0.processor.proj_lora": "single",
+    }
+    state_dict = {}
+    for name, short in layers.items():
+        state_dict[f"{name}.down.weight"] = t[f"{short}_down"]
+        state_dict[f"{name}.up.weight"] = t[f"{short}_up"]
+    return state_dict
+
+
+def without(state_dict: dict[str, torch.Tensor], *fragments: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if not any(f in k for f in fragments)}
+
+
+def image(predictor: Any, source: str, model: str = "dev") -> bytes:
+    return fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, model=model)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(predictor: Any, tensors: dict, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return image(predictor, data_uri_of(peft_layout(tensors), tmp_path_factory.mktemp("ref"), "peft"))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(kohya_layout, id="kohya"),
+        pytest.param(lambda t: comfyui_layout(t, peft_names=False), id="comfyui-kohya-names"),
+        pytest.param(lambda t: comfyui_layout(t, peft_names=True), id="comfyui-peft-names"),
+        pytest.param(xlabs_layout, id="xlabs"),
+    ],
+)
+def test_layout_gives_the_same_image_as_peft(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, layout: Any
+) -> None:
+    if layout is xlabs_layout:  # XLabs has no LoRA on the MLP: compare with a PEFT file without it
+        expected = image(predictor, data_uri_of(without(peft_layout(tensors), "ff.net.2"), tmp_path, "peft"))
+    else:
+        expected = reference
+    assert image(predictor, data_uri_of(layout(tensors), tmp_path, "lora")) == expected
+
+
+def test_mixture_layout_gives_the_same_image_as_peft(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    attention_only = without(peft_layout(tensors), "ff.net.2", "proj_out")
+    expected = image(predictor, data_uri_of(attention_only, tmp_path, "peft"))
+    assert image(predictor, data_uri_of(mixture_layout(tensors), tmp_path, "mixture")) == expected
+
+
+def test_kohya_alpha_scales_the_lora(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    expected = image(predictor, data_uri_of(peft_layout(tensors, scale_down=0.5), tmp_path, "peft-half"))
+    assert image(predictor, data_uri_of(kohya_layout(tensors, alpha=RANK / 2), tmp_path, "kohya-half")) == expected
+
+
+def test_text_encoder_keys_are_dropped_with_a_warning(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dict = kohya_layout(tensors)
+    state_dict["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.ones(RANK, 32)
+    state_dict["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.ones(32, RANK)
+    with caplog.at_level(logging.WARNING):
+        assert image(predictor, data_uri_of(state_dict, tmp_path, "with-te")) == reference
+    assert "replicate_weights: dropped 2 text-encoder LoRA tensors" in caplog.text
+
+
+def test_partly_matching_lora_applies_what_matches_and_warns(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dict = peft_layout(tensors)
+    state_dict["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = torch.ones(RANK, 32)
+    state_dict["transformer.transformer_blocks.7.attn.to_q.lora_B.weight"] = torch.ones(32, RANK)
+    with caplog.at_level(logging.WARNING):
+        assert image(predictor, data_uri_of(state_dict, tmp_path, "partial")) == reference
+    assert "replicate_weights: 2 of 16 LoRA tensors match no FLUX.1 layer and are ignored." in caplog.text
+
+
+def test_dev_lora_with_guidance_layers_is_refused_on_schnell(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    state_dict = peft_layout(tensors)
+    state_dict["transformer.time_text_embed.guidance_embedder.linear_1.lora_A.weight"] = torch.ones(RANK, 256)
+    state_dict["transformer.time_text_embed.guidance_embedder.linear_1.lora_B.weight"] = torch.ones(32, RANK)
+    source = data_uri_of(state_dict, tmp_path, "dev-only")
+    schnell_base = fast(predictor, prompt="a cat", output_format="png", model="schnell")[0]
+    with pytest.raises(InputError, match="adapts the guidance embedder, which FLUX.1 schnell does not have"):
+        image(predictor, source, model="schnell")
+    assert fast(predictor, prompt="a cat", output_format="png", model="schnell")[0] == schnell_base
+    assert image(predictor, source) != fast(predictor, prompt="a cat", output_format="png")[0]  # fine on dev
+
+
+def test_unknown_layout_is_refused_with_its_first_keys(predictor: Any, tmp_path: Path) -> None:
+    state_dict = {"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.ones(RANK, 8)}
+    with pytest.raises(InputError, match=r"^Invalid replicate_weights: this file is not a FLUX LoRA in any supported"):
+        image(predictor, data_uri_of(state_dict, tmp_path, "sdxl"))
