@@ -181,6 +181,7 @@ class TrainedLoraPredictor(Predictor):
         super().setup()
         if self.settings.main_lora is None:
             raise InputError(f"{SETTINGS_INPUT} is not set: TrainedLoraPredictor needs the path or URL of its LoRA.")
+        self.engine.check_lora(SETTINGS_INPUT, self.settings.main_lora)
 
     def predict(  # type: ignore[override]
         self,

@@ -20,6 +20,7 @@ from engine.inputs import LoraRequest, Mode, Request
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
+from lora_loading.formats import check_lora_matches, read_lora
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora, redact
 
@@ -113,6 +114,14 @@ class Engine:
 
         with timed("encoding files", self.device):
             return save_images(images, self.output_folder, request.output_format, request.output_quality)
+
+    def check_lora(self, input_name: str, source: str) -> None:
+        """Fetch and check a LoRA without applying it, so a deployment's fixed LoRA that
+        cannot work fails at setup rather than on every request."""
+        path = fetch_lora(input_name, source, self.lora_cache)
+        check_lora_matches(
+            self.models["dev"].text_to_image, read_lora(LoraFile(input_name, source, path, 1.0)), input_name
+        )
 
     def _apply_loras(self, request: Request) -> None:
         """Fetch first, then apply: a failed download leaves the model untouched."""

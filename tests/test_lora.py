@@ -220,3 +220,22 @@ def test_trained_lora_predictor_uses_flux_main_lora(
 def test_trained_lora_predictor_needs_flux_main_lora(demo_models: Any, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="^FLUX_MAIN_LORA is not set"):
         make_predictor(predictor_env(demo_models, tmp_path / "cache"), "TrainedLoraPredictor")
+
+
+def test_trained_lora_predictor_fails_setup_on_a_broken_lora(demo_models: Any, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a lora")
+    with pytest.raises(InputError, match="^Invalid FLUX_MAIN_LORA .*: the file is not a .safetensors file"):
+        make_predictor(
+            predictor_env(demo_models, tmp_path / "cache", FLUX_MAIN_LORA=str(broken)), "TrainedLoraPredictor"
+        )
+
+
+def test_after_many_swaps_no_lora_equals_a_server_that_never_loaded_one(
+    predictor: Any, loras: dict, demo_models: Any, tmp_path: Path
+) -> None:
+    for name in ("style", "other", "mlp", "style"):
+        png(predictor, replicate_weights=data_uri(loras[name]), extra_lora=data_uri(loras["mlp"]), lora_scale=0.3)
+    fresh = make_predictor(predictor_env(demo_models, tmp_path / "cache"))
+    assert png(predictor) == png(fresh)
+    assert png(predictor, model="schnell") == png(fresh, model="schnell")
