@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from engine.cli import REPO, use_demo_model_if_needed
 from engine.openapi import write_openapi_schema
@@ -15,10 +17,13 @@ from engine.openapi import write_openapi_schema
 
 def main() -> None:
     predictor = os.environ.get("PREDICTOR", "Predictor")
-    reference = f"predict.py:{predictor}"
     use_demo_model_if_needed()
-    schema = write_openapi_schema(reference, root=REPO)
-    print(f"Wrote {schema.relative_to(REPO)} for {reference}.", file=sys.stderr)
+    # Each server gets its own working folder for .cog/: cog reads the schema only after
+    # setup, so two servers sharing the repo's .cog/ could serve each other's schema.
+    workdir = Path(tempfile.mkdtemp(prefix="flux-server-"))
+    reference = f"{REPO / 'predict.py'}:{predictor}"
+    write_openapi_schema(reference, workdir / ".cog" / "openapi_schema.json")
+    print(f"Serving predict.py:{predictor}; schema in {workdir / '.cog'}.", file=sys.stderr)
     env = {
         **os.environ,
         "COG_PREDICT_TYPE_STUB": reference,
@@ -26,7 +31,7 @@ def main() -> None:
         # The server's worker runs the `python` on PATH: make it this environment's.
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     }
-    os.chdir(REPO)  # the server reads .cog/ relative to its working folder
+    os.chdir(workdir)
     host = os.environ.get("HOST", "127.0.0.1")
     os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)
 

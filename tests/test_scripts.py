@@ -1,0 +1,298 @@
+"""script/server and script/predict end to end, as subprocesses, on the offline demo model.
+
+One server per predictor class for the whole module; each script/predict run is a fresh
+process (a few seconds each, mostly imports).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from engine.cli import DEMO_MODEL_FOLDER
+from engine.demo_model import ensure_demo_models
+from tests.lora_factory import make_peft_lora
+
+REPO = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 120
+GOOD_INPUT = {
+    "prompt": "a cat",
+    "aspect_ratio": "custom",
+    "width": 256,
+    "height": 256,
+    "num_inference_steps": 2,
+    "seed": 1,
+    "output_format": "png",
+}
+# Inherited settings that would change what the scripts do.
+CLEARED_ENV = (
+    "PREDICTOR",
+    "FLUX_MAIN_LORA",
+    "FLUX_DEV_WEIGHTS",
+    "FLUX_SCHNELL_WEIGHTS",
+    "FLUX_SAFETY_CHECKER_WEIGHTS",
+    "FLUX_NSFW_CLASSIFIER_WEIGHTS",
+    "PORT",
+    "HOST",
+)
+
+
+def script_env(lora_cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED_ENV}
+    return {**env, "FLUX_DEMO_MODEL": "1", "FLUX_DEVICE": "cpu", "FLUX_LORA_CACHE_DIR": str(lora_cache), **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 60) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (server and worker), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(REPO / "script" / "server")],
+            env={**env, "PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() reaches the worker too
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"script/server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            with contextlib.suppress(OSError, ValueError):
+                status, body = http("GET", f"{base}/health-check", timeout=2)
+                if status == 200 and body.get("status") == "READY":
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"script/server not READY after {READY_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        stop(process)
+
+
+def predict(base: str, inputs: dict[str, Any]) -> tuple[int, Any]:
+    return http("POST", f"{base}/predictions", {"input": inputs})
+
+
+def png_of(data_uri: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert data_uri.startswith(prefix), data_uri[:40]
+    return base64.b64decode(data_uri[len(prefix) :])
+
+
+def size_of(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+@pytest.fixture(scope="module")
+def demo_weights() -> Path:
+    """The folder both scripts use for FLUX_DEMO_MODEL=1 (built once, then reused)."""
+    return ensure_demo_models(DEMO_MODEL_FOLDER).dev
+
+
+@pytest.fixture(scope="module")
+def lora_file(demo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(demo_weights, subfolder="transformer")
+    return make_peft_lora(transformer, tmp_path_factory.mktemp("lora") / "main.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(demo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("server")
+    with running_server(script_env(folder / "lora-cache"), folder / "server.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def trained_server(server: str, lora_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Started only once `server` is READY: both write .cog/openapi_schema.json in the repo,
+    # and each server reads it at the end of its setup.
+    folder = tmp_path_factory.mktemp("trained-server")
+    env = script_env(folder / "lora-cache", PREDICTOR="TrainedLoraPredictor", FLUX_MAIN_LORA=str(lora_file))
+    with running_server(env, folder / "server.log") as base:
+        yield base
+
+
+# --- script/server ------------------------------------------------------------------------------
+
+
+def test_server_openapi_has_the_input_schema(server: str) -> None:
+    status, schema = http("GET", f"{server}/openapi.json")
+    assert status == 200
+    inputs = schema["components"]["schemas"]["Input"]
+    assert inputs["required"] == ["prompt"]
+    assert "replicate_weights" in inputs["properties"]
+    assert inputs["properties"]["num_outputs"]["maximum"] == 4
+
+
+def test_server_prediction_then_errors_leave_no_trace(server: str) -> None:
+    status, first = predict(server, GOOD_INPUT)
+    assert status == 200, first
+    assert first["status"] == "succeeded", first.get("error")
+    assert len(first["output"]) == 1
+    image = png_of(first["output"][0])
+    assert size_of(image) == (256, 256)
+    for line in ("Denoising step 2/2", "seed 1", "Timing: denoising"):
+        assert line in first["logs"], first["logs"]
+
+    # Out of the schema's bounds: cog's own validation answers 422 before predict() runs.
+    status, body = predict(server, {**GOOD_INPUT, "num_outputs": 9})
+    assert status == 422, body
+    assert [error["loc"] for error in body["detail"]] == [["body", "input", "num_outputs"]]
+
+    # Valid for the schema, wrong for the predictor: a failed prediction naming the input.
+    status, body = predict(server, {"prompt": "a cat", "aspect_ratio": "custom", "height": 256})
+    assert status == 200, body
+    assert body["status"] == "failed"
+    assert "width" in body["error"]
+
+    status, again = predict(server, GOOD_INPUT)
+    assert status == 200 and again["status"] == "succeeded", again.get("error")
+    assert png_of(again["output"][0]) == image
+
+
+def test_trained_lora_server(server: str, trained_server: str, lora_file: Path) -> None:
+    status, schema = http("GET", f"{trained_server}/openapi.json")
+    assert status == 200
+    properties = schema["components"]["schemas"]["Input"]["properties"]
+    assert "replicate_weights" not in properties
+    assert {"lora_scale", "extra_lora", "extra_lora_scale"} <= set(properties)
+
+    # The deployment's LoRA is applied: the same request as on the base server differs.
+    status, trained = predict(trained_server, GOOD_INPUT)
+    assert status == 200 and trained["status"] == "succeeded", trained.get("error")
+    assert "LoRA FLUX_MAIN_LORA" in trained["logs"], trained["logs"]
+    status, base = predict(server, GOOD_INPUT)
+    assert status == 200 and base["status"] == "succeeded", base.get("error")
+    assert png_of(trained["output"][0]) != png_of(base["output"][0])
+    # The input the deployment fixed cannot be overridden: cog drops inputs its schema does
+    # not list, so the URL is never fetched and the deployment's LoRA still applies.
+    status, body = predict(trained_server, {**GOOD_INPUT, "replicate_weights": "https://example.invalid/x.safetensors"})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    assert "example.invalid" not in body["logs"]
+    assert png_of(body["output"][0]) == png_of(trained["output"][0])
+
+
+# --- script/predict -----------------------------------------------------------------------------
+
+FAST_ARGS = ("-i", "num_inference_steps=2", "-i", "output_format=png")
+PREDICT_RUNS: dict[str, tuple[str, ...]] = {
+    "txt2img": (
+        *("-i", "prompt=a photo of a cat", "-i", "aspect_ratio=custom", "-i", "width=256", "-i", "height=256"),
+        *FAST_ARGS,
+        *("-i", "seed=3"),
+    ),
+    "unknown_input": ("-i", "prompt=a cat", "-i", "colour=red"),
+    "out_of_range": ("-i", "prompt=a cat", "-i", "num_outputs=9", *FAST_ARGS),
+    # in.png is written first (320x200); a relative @path is read from the cwd.
+    "img2img": ("-i", "prompt=a cat", "-i", "image=@in.png", "-i", "seed=5", *FAST_ARGS),
+}
+
+
+@dataclass
+class PredictRun:
+    cwd: Path
+    result: subprocess.CompletedProcess[str]
+
+    def output(self, name: str = "output.0.png") -> bytes:
+        return (self.cwd / name).read_bytes()
+
+
+def run_predict(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO / "script" / "predict"), *args],
+        cwd=cwd,
+        env=script_env(cwd / "lora-cache"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def predict_runs(demo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PredictRun]:
+    """Every script/predict run of this module, two at a time: each is mostly imports."""
+    folders = {name: tmp_path_factory.mktemp(f"predict-{name}") for name in PREDICT_RUNS}
+    Image.new("RGB", (320, 200), (200, 80, 40)).save(folders["img2img"] / "in.png")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_predict, folders[name], *args) for name, args in PREDICT_RUNS.items()}
+        return {name: PredictRun(folders[name], future.result()) for name, future in futures.items()}
+
+
+def test_predict_writes_outputs_in_the_cwd(predict_runs: dict[str, PredictRun]) -> None:
+    run = predict_runs["txt2img"]
+    assert run.result.returncode == 0, run.result.stderr[-4000:]
+    assert "Offline demo model" in run.result.stderr
+    assert size_of(run.output()) == (256, 256)
+    assert "Denoising step 2/2" in run.result.stdout
+
+
+def test_predict_rejects_an_unknown_input(predict_runs: dict[str, PredictRun]) -> None:
+    run = predict_runs["unknown_input"]
+    assert run.result.returncode != 0
+    assert "colour" in run.result.stderr
+    assert "prompt, image, mask, aspect_ratio" in run.result.stderr, run.result.stderr[-2000:]
+    assert not list(run.cwd.glob("output.*"))
+
+
+def test_predict_rejects_out_of_range_values(predict_runs: dict[str, PredictRun]) -> None:
+    run = predict_runs["out_of_range"]
+    assert run.result.returncode == 1
+    assert "num_outputs" in run.result.stderr.splitlines()[-1], run.result.stderr[-2000:]
+    assert not list(run.cwd.glob("output.*"))
+
+
+def test_predict_image_to_image(predict_runs: dict[str, PredictRun]) -> None:
+    run = predict_runs["img2img"]
+    assert run.result.returncode == 0, run.result.stderr[-4000:]
+    assert "Mode img2img" in run.result.stdout
+    # The output follows the image, each side a multiple of 16 (engine/sizes.py).
+    assert size_of(run.output()) == (320, 208)
