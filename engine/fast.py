@@ -1,37 +1,122 @@
-"""The go_fast switch: which way the transformer runs for a request.
+"""The go_fast path: a second, quantized and compiled copy of each transformer.
 
-fp8 (torchao float8 + torch.compile) needs a CUDA GPU of compute capability 8.9 or
-higher. Everywhere else go_fast runs the standard path and says why, once per process.
+Every optimisation is an explicit switch (environment variables, read into FastSettings):
+- FLUX_FAST_QUANTIZATION: `auto` (torchao fp8, dynamic activations and per-row weight
+  scales, on CUDA GPUs of compute capability 8.9+), `off`, or a CPU-capable torchao config
+  (`int8-weight-only`, `float8-weight-only`) that runs the same code path in tests;
+- FLUX_COMPILE (1/0) and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`): regional
+  torch.compile of the repeated blocks, with dynamic shapes so that sizes, batch sizes and
+  modes share compiled graphs;
+- FLUX_COMPILE_CACHE_DIR: where inductor keeps its caches, so a second start is fast;
+- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries.
+
+The fast copy shares every non-Linear tensor with the bf16 transformer (loaded by
+`load_state_dict(assign=True)` into a meta skeleton), so it costs only its quantized
+Linear weights, and the bf16 model is never modified.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from dataclasses import dataclass
 
 import torch
+from diffusers import FluxTransformer2DModel
+
+from lora_loading.slots import add_lora_slot
 
 log = logging.getLogger(__name__)
 FP8_MIN_CAPABILITY = (8, 9)
-_explained = False
+CPU_CAPABLE_CONFIGS = ("int8-weight-only", "float8-weight-only")
 
 
-def fp8_unavailable_reason(device: torch.device) -> str | None:
+@dataclass(frozen=True)
+class FastSettings:
+    quantization: str
+    compile: bool
+    compile_backend: str
+    lora_rank: int
+    compile_cache_dir: str | None
+
+    @classmethod
+    def from_env(cls) -> FastSettings:
+        return cls(
+            quantization=os.environ.get("FLUX_FAST_QUANTIZATION", "auto"),
+            compile=os.environ.get("FLUX_COMPILE", "1") != "0",
+            compile_backend=os.environ.get("FLUX_COMPILE_BACKEND", "inductor"),
+            lora_rank=int(os.environ.get("FLUX_FAST_LORA_RANK", "64")),
+            compile_cache_dir=os.environ.get("FLUX_COMPILE_CACHE_DIR") or None,
+        )
+
+
+def fast_path_unavailable(settings: FastSettings, device: torch.device) -> str | None:
+    """Why go_fast must run the standard path here, or None when the fast path can be built."""
+    if settings.quantization == "off":
+        return "FLUX_FAST_QUANTIZATION is off"
+    if settings.quantization in CPU_CAPABLE_CONFIGS:
+        return None
+    if settings.quantization != "auto":
+        return f"FLUX_FAST_QUANTIZATION={settings.quantization!r} is not one of auto, off, " + ", ".join(
+            CPU_CAPABLE_CONFIGS
+        )
     if device.type != "cuda":
         return f"fp8 needs a CUDA GPU and this server runs on {device.type}"
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
         return f"fp8 needs compute capability 8.9 or higher and this GPU has {capability[0]}.{capability[1]}"
-    return "the fp8 fast path is not built yet"
+    return None
 
 
-def use_fast_path(go_fast: bool, device: torch.device) -> bool:
-    global _explained
-    if not go_fast:
-        return False
-    reason = fp8_unavailable_reason(device)
-    if reason is not None:
-        if not _explained:
-            log.info("go_fast: %s, so predictions run the standard path.", reason)
-            _explained = True
-        return False
-    return True
+def _quantization_config(name: str):  # type: ignore[no-untyped-def]
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    if name == "int8-weight-only":
+        return Int8WeightOnlyConfig()
+    if name == "float8-weight-only":
+        return Float8WeightOnlyConfig()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def configure_compile_cache(settings: FastSettings) -> None:
+    if settings.compile_cache_dir:
+        # Inductor's FX graph and autotuning caches live here; a deployment that keeps this
+        # folder skips most of the compile work on its next start.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", settings.compile_cache_dir)
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def build_fast_transformer(
+    transformer: FluxTransformer2DModel, settings: FastSettings, name: str
+) -> FluxTransformer2DModel:
+    from torchao.quantization import quantize_
+
+    start = time.perf_counter()
+    with torch.device("meta"):
+        fast = FluxTransformer2DModel.from_config(transformer.config)
+    # Shares the bf16 tensors; quantize_ then replaces each Linear weight with a new
+    # quantized tensor, one layer at a time, so the peak extra memory is one layer.
+    fast.load_state_dict(transformer.state_dict(), assign=True)
+    fast.eval()
+    quantize_(fast, _quantization_config(settings.quantization))
+    # After quantizing: the slot's own lora_A/lora_B layers stay in the compute dtype.
+    add_lora_slot(fast, settings.lora_rank)
+    log.info(
+        "go_fast: %s transformer quantized (%s) with a rank-%d LoRA slot in %.1f s.",
+        name,
+        settings.quantization if settings.quantization != "auto" else "fp8 per-row",
+        settings.lora_rank,
+        time.perf_counter() - start,
+    )
+    if settings.compile:
+        # dynamic=True: one graph serves every size and batch size, so a new aspect ratio,
+        # custom size or img2img input does not recompile.
+        fast.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)
+    return fast

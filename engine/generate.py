@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 from engine.config import Settings
-from engine.fast import use_fast_path
+from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
 from engine.inputs import LoraRequest, Mode, Request
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
 from lora_loading.formats import check_lora_matches, read_lora
+from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora, redact
 
@@ -46,27 +47,67 @@ class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = settings.device
-        with timed("loading FLUX.1 dev and schnell", self.device):
-            self.models: dict[str, FluxModel] = load_models(settings)
+        fast = FastSettings.from_env()
+        self.fast_unavailable = fast_path_unavailable(fast, self.device)
+        configure_compile_cache(fast)
+        with timed(
+            "loading FLUX.1 dev and schnell" + ("" if self.fast_unavailable else " (+ go_fast copies)"), self.device
+        ):
+            self.models: dict[str, FluxModel] = load_models(settings, None if self.fast_unavailable else fast)
+        if self.fast_unavailable:
+            log.info("go_fast: %s, so go_fast requests run the standard path.", self.fast_unavailable)
+        elif fast.compile:
+            with timed("compiling the go_fast transformers", self.device):
+                self._warm_up_fast_path()
         with timed("loading the safety checker", self.device):
             self.safety = SafetyChecker(
                 settings.safety_checker_weights, settings.nsfw_classifier_weights, self.device, settings.dtype
             )
-        self.loras = {name: LoraAdapters(model.text_to_image) for name, model in self.models.items()}
+        self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
+        for name, model in self.models.items():
+            self.loras[name, False] = LoraAdapters(model.text_to_image)
+            if model.fast_pipelines:
+                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE])
         self.lora_cache = LoraCache.from_env()
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
+        self._explained_go_fast = False
+
+    @torch.inference_mode()
+    def _warm_up_fast_path(self) -> None:
+        """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
+        specialises a dimension of size 1), with the LoRA slot off and on."""
+        for model in self.models.values():
+            pipeline = model.pipeline(Mode.TEXT_TO_IMAGE, fast=True)
+            for lora_on in (False, True):
+                if lora_on:
+                    pipeline.transformer.enable_adapters()
+                for batch in (1, 2):
+                    pipeline(
+                        prompt="",
+                        width=256,
+                        height=256,
+                        num_inference_steps=1,
+                        num_images_per_prompt=batch,
+                        max_sequence_length=model.max_sequence_length,
+                        output_type="latent",
+                    )
+            pipeline.transformer.disable_adapters()
 
     @torch.inference_mode()
     def predict(self, request: Request) -> list[Path]:
         clear_folder(self.output_folder)
         model = self.models[request.model]
-        pipeline = model.pipelines[request.mode]
-        use_fast_path(request.go_fast, self.device)
+        fast = request.go_fast and model.fast_pipelines is not None
+        if request.go_fast and not fast and not self._explained_go_fast:
+            log.info("go_fast: %s; running the standard path.", self.fast_unavailable)
+            self._explained_go_fast = True
+        pipeline = model.pipeline(request.mode, fast)
         seed = request.seed if request.seed is not None else random_seed()
         log.info(
-            "Mode %s on %s: %dx%d, %d image(s), %d steps, seed %d.",
+            "Mode %s on %s%s: %dx%d, %d image(s), %d steps, seed %d.",
             request.mode.value,
             model.name,
+            " (go_fast)" if fast else "",
             request.width,
             request.height,
             request.num_outputs,
@@ -75,7 +116,7 @@ class Engine:
         )
 
         with timed("loading LoRAs", self.device):
-            self._apply_loras(request)
+            self._apply_loras(request, fast)
 
         with timed("text encoding", self.device):
             # One prompt embedding per image, so the batched call draws the same noise as
@@ -123,7 +164,7 @@ class Engine:
             self.models["dev"].text_to_image, read_lora(LoraFile(input_name, source, path, 1.0)), input_name
         )
 
-    def _apply_loras(self, request: Request) -> None:
+    def _apply_loras(self, request: Request, fast: bool) -> None:
         """Fetch first, then apply: a failed download leaves the model untouched."""
         wanted = _unique_loras(request.loras)
         files = [
@@ -132,7 +173,7 @@ class Engine:
             )
             for lora in wanted
         ]
-        self.loras[request.model].apply(files)
+        self.loras[request.model, fast].apply(files)
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
 

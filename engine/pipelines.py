@@ -22,6 +22,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from engine.config import Settings
+from engine.fast import FastSettings, build_fast_transformer
 from engine.inputs import Mode
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,15 @@ class FluxModel:
     pipelines: dict[Mode, DiffusionPipeline]
     # T5 tokens kept from the prompt: schnell was distilled with 256, dev with 512.
     max_sequence_length: int
+    # The go_fast pipelines: the same modules but a quantized, compiled transformer.
+    fast_pipelines: dict[Mode, DiffusionPipeline] | None = None
 
     @property
     def text_to_image(self) -> FluxPipeline:
         return self.pipelines[Mode.TEXT_TO_IMAGE]  # type: ignore[return-value]
+
+    def pipeline(self, mode: Mode, fast: bool) -> DiffusionPipeline:
+        return (self.fast_pipelines if fast and self.fast_pipelines else self.pipelines)[mode]
 
 
 def _for_all_modes(pipeline: FluxPipeline) -> dict[Mode, DiffusionPipeline]:
@@ -47,7 +53,8 @@ def _for_all_modes(pipeline: FluxPipeline) -> dict[Mode, DiffusionPipeline]:
     }
 
 
-def load_models(settings: Settings) -> dict[str, FluxModel]:
+def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[str, FluxModel]:
+    """dev and schnell; with `fast`, each also gets its go_fast pipelines."""
     # device_map loads each weight straight onto the device instead of staging 24 GB in RAM.
     place = {"dtype": settings.dtype, "device_map": str(settings.device)}
     dev = FluxPipeline.from_pretrained(settings.dev_weights, **place)
@@ -62,10 +69,14 @@ def load_models(settings: Settings) -> dict[str, FluxModel]:
     )
     models = {}
     for name, pipeline, max_sequence_length in (("dev", dev, 512), ("schnell", schnell, 256)):
-        models[name] = FluxModel(name, _for_all_modes(pipeline), max_sequence_length)
-        for mode_pipeline in models[name].pipelines.values():
+        model = FluxModel(name, _for_all_modes(pipeline), max_sequence_length)
+        if fast is not None:
+            fast_transformer = build_fast_transformer(pipeline.transformer, fast, name)
+            model.fast_pipelines = _for_all_modes(FluxPipeline.from_pipe(pipeline, transformer=fast_transformer))
+        for mode_pipeline in [*model.pipelines.values(), *(model.fast_pipelines or {}).values()]:
             # Progress goes to the prediction's log, one line a step, instead of a tqdm bar.
             mode_pipeline.set_progress_bar_config(disable=True)
+        models[name] = model
         log.info(
             "Loaded FLUX.1 %s: transformer of %.2f B parameters, %s on %s.",
             name,

@@ -1,0 +1,118 @@
+"""LoRAs on the compiled fast transformer: weights written into a fixed LoRA slot.
+
+Loading and unloading peft adapters changes the module graph, and peft's `set_adapters`
+writes Python floats over the scalings: both make torch.compile recompile (seen with
+diffusers' own hotswap, which also pads ranks, but still scales through set_adapters or a
+single global attention "scale" that cannot give main and extra LoRA different scales).
+So the fast transformer carries one peft adapter, the slot, on every Linear layer, set up
+before compiling, and a request only writes tensors into it:
+- the LoRAs' ranks are stacked along the slot's rank: A = [A1; A2], B = [s1*B1, s2*B2],
+  which is exactly base + s1*dW1 + s2*dW2 with the scale applied once;
+- unused rank rows and layers hold zeros, and with no LoRA the slot is switched off, so
+  the base weights are never touched and come back exactly;
+- everything is computed before the first copy, so a failure leaves the slot as it was.
+A LoRA whose rank does not fit grows the slot, which costs one recompile (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from diffusers import FluxPipeline
+from peft import LoraConfig
+
+from lora_loading.formats import LoraFile, check_lora_matches, read_lora
+
+log = logging.getLogger(__name__)
+SLOT = "slot"
+
+# A LoRA as factors per layer: (A, B) with B already multiplied by its alpha/rank.
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def add_lora_slot(transformer: torch.nn.Module, rank: int) -> None:
+    targets = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    # init_lora_weights=True makes B zero: until a LoRA is written the slot adds nothing.
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), adapter_name=SLOT)
+    transformer.disable_adapters()
+
+
+def slot_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in transformer.named_modules() if SLOT in getattr(module, "lora_A", {})}
+
+
+def slot_rank(transformer: torch.nn.Module) -> int:
+    return next(iter(slot_layers(transformer).values())).r[SLOT]
+
+
+def lora_factors(to_load: dict[str, torch.Tensor]) -> Factors:
+    """diffusers-layout LoRA tensors (with optional `.alpha` keys) -> per-layer factors."""
+    factors: Factors = {}
+    for key, down in to_load.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer = key[len("transformer.") : -len(".lora_A.weight")]
+        up = to_load[key.replace(".lora_A.weight", ".lora_B.weight")]
+        alpha = to_load.get(f"transformer.{layer}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        factors[layer] = (down.float(), up.float() * scale)
+    return factors
+
+
+class LoraSlots:
+    """The LoRA state of one fast pipeline; the same `apply` as LoraAdapters."""
+
+    def __init__(self, pipeline: FluxPipeline):
+        self.pipeline = pipeline
+        self.factors: dict[str, Factors] = {}  # by source key: a scale change reads no file
+
+    def apply(self, loras: Sequence[LoraFile]) -> None:
+        transformer = self.pipeline.transformer
+        if not loras:
+            transformer.disable_adapters()
+            return
+        stacked = [(self._factors(lora), lora.scale) for lora in loras]
+        needed = sum(max(down.shape[0] for down, _ in factors.values()) for factors, _ in stacked)
+        if needed > slot_rank(transformer):
+            log.warning(
+                "go_fast: LoRA rank %d exceeds the slot's %d; growing it (one recompile).",
+                needed,
+                slot_rank(transformer),
+            )
+            transformer.unload_lora()  # back to the plain (quantized) Linear layers
+            add_lora_slot(transformer, needed)
+        self._write(stacked)
+        transformer.enable_adapters()
+        # Keep only what this request uses, so memory does not grow with every LoRA seen.
+        self.factors = {lora.key: self.factors[lora.key] for lora in loras}
+
+    def _factors(self, lora: LoraFile) -> Factors:
+        if lora.key not in self.factors:
+            to_load = check_lora_matches(self.pipeline, read_lora(lora), lora.input_name)
+            self.factors[lora.key] = lora_factors(to_load)
+        return self.factors[lora.key]
+
+    @torch.no_grad()
+    def _write(self, stacked: list[tuple[Factors, float]]) -> None:
+        layers = slot_layers(self.pipeline.transformer)
+        writes = []
+        for name, module in layers.items():
+            slot_down = module.lora_A[SLOT].weight
+            slot_up = module.lora_B[SLOT].weight
+            down = torch.zeros(slot_down.shape, dtype=torch.float32, device=slot_down.device)
+            up = torch.zeros(slot_up.shape, dtype=torch.float32, device=slot_up.device)
+            offset = 0
+            for factors, scale in stacked:
+                width = max(d.shape[0] for d, _ in factors.values())
+                if name in factors:
+                    lora_down, lora_up = factors[name]
+                    rank = lora_down.shape[0]
+                    down[offset : offset + rank] = lora_down.to(down.device)
+                    up[:, offset : offset + rank] = lora_up.to(up.device) * scale
+                offset += width
+            writes.append((slot_down, down.to(slot_down.dtype)))
+            writes.append((slot_up, up.to(slot_up.dtype)))
+        for target, value in writes:
+            target.copy_(value)
