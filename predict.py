@@ -30,7 +30,10 @@ from engine.sizes import ASPECT_RATIOS, MEGAPIXELS
 from weights import SETTINGS_INPUT
 
 LORA_SOURCES = (
-    "Supports http(s) URLs of .safetensors files (signed URLs keep their query string) and base64 data: URIs of them."
+    "Load LoRA weights. Supports Replicate models in the format <owner>/<username> or "
+    "<owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI "
+    "URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. "
+    "For example, 'fofr/flux-pixar-cars'"
 )
 LORA_SCALE = (
     "The weights used are base + scale x LoRA delta, with the same scale with and without go_fast: 0 gives the "
@@ -122,14 +125,14 @@ GO_FAST = Input(
 MEGAPIXELS_INPUT = Input(
     description="Approximate number of megapixels for generated image", choices=MEGAPIXELS, default="1"
 )
-REPLICATE_WEIGHTS = Input(description="Load LoRA weights. " + LORA_SOURCES, default=None)
+REPLICATE_WEIGHTS = Input(description=LORA_SOURCES, default=None)
 LORA_SCALE_INPUT = Input(
     description="Determines how strongly the main LoRA should be applied. " + LORA_SCALE,
     ge=LORA_SCALE_RANGE[0],
     le=LORA_SCALE_RANGE[1],
     default=1.0,
 )
-EXTRA_LORA = Input(description="Load LoRA weights, applied on top of the main LoRA. " + LORA_SOURCES, default=None)
+EXTRA_LORA = Input(description=LORA_SOURCES, default=None)
 EXTRA_LORA_SCALE = Input(
     description="Determines how strongly the extra LoRA should be applied. " + LORA_SCALE,
     ge=LORA_SCALE_RANGE[0],

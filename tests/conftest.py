@@ -4,8 +4,6 @@ the real loaders, and a helper that calls predict() the way Cog does (every defa
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +62,9 @@ def image_of(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-@pytest.fixture
-def clean_env() -> Iterator[None]:
-    """Keeps a test's changes to os.environ from leaking into the next."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+@pytest.fixture(autouse=True)
+def no_retry_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries still happen; the suite just does not sleep between them."""
+    import weights
+
+    monkeypatch.setattr(weights, "RETRY_BACKOFF_S", 0)
