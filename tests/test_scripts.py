@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from PIL import Image
 
 from engine.cli import DEMO_MODEL_FOLDER
 from engine.demo_model import ensure_demo_models
+from tests.fake_hosts import FakeHost, start_fake_host
 from tests.lora_factory import make_peft_lora
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,16 +147,23 @@ def lora_file(demo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def server(demo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def lora_host() -> Iterator[FakeHost]:
+    host = start_fake_host()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_weights: Path, lora_host: FakeHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("server")
-    with running_server(script_env(folder / "lora-cache"), folder / "server.log") as base:
+    env = script_env(folder / "lora-cache", FLUX_REPLICATE_URL=lora_host.url)
+    with running_server(env, folder / "server.log") as base:
         yield base
 
 
 @pytest.fixture(scope="module")
 def trained_server(server: str, lora_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    # Started only once `server` is READY: both write .cog/openapi_schema.json in the repo,
-    # and each server reads it at the end of its setup.
+    # Started once `server` is READY, so the two setups do not share the 2 CPU cores.
     folder = tmp_path_factory.mktemp("trained-server")
     env = script_env(folder / "lora-cache", PREDICTOR="TrainedLoraPredictor", FLUX_MAIN_LORA=str(lora_file))
     with running_server(env, folder / "server.log") as base:
@@ -197,6 +206,29 @@ def test_server_prediction_then_errors_leave_no_trace(server: str) -> None:
     status, again = predict(server, GOOD_INPUT)
     assert status == 200 and again["status"] == "succeeded", again.get("error")
     assert png_of(again["output"][0]) == image
+
+
+def test_server_loras_from_replicate_and_failed_downloads(server: str, lora_host: FakeHost, lora_file: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(lora_file, arcname="output/lora.safetensors")
+    lora_host.serve_replicate("owner/style", buffer.getvalue())
+    status, base = predict(server, GOOD_INPUT)
+    assert status == 200 and base["status"] == "succeeded", base.get("error")
+
+    status, styled = predict(server, {**GOOD_INPUT, "replicate_weights": "owner/style", "lora_scale": 0.8})
+    assert status == 200 and styled["status"] == "succeeded", styled.get("error")
+    assert png_of(styled["output"][0]) != png_of(base["output"][0])
+    assert "LoRA replicate_weights owner/style at scale 0.8" in styled["logs"]
+
+    missing = f"{lora_host.url}/gone.safetensors?X-Amz-Signature=s3cr3t"
+    status, failed = predict(server, {**GOOD_INPUT, "replicate_weights": "owner/style", "extra_lora": missing})
+    assert status == 200 and failed["status"] == "failed"
+    assert "Invalid extra_lora" in failed["error"] and "HTTP 404" in failed["error"]
+    assert "s3cr3t" not in failed["error"] + failed["logs"]
+
+    status, again = predict(server, GOOD_INPUT)
+    assert status == 200 and png_of(again["output"][0]) == png_of(base["output"][0])
 
 
 def test_trained_lora_server(server: str, trained_server: str, lora_file: Path) -> None:
