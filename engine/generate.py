@@ -102,6 +102,7 @@ class Engine:
             log.info("go_fast: %s; running the standard path.", self.fast_unavailable)
             self._explained_go_fast = True
         pipeline = model.pipeline(request.mode, fast)
+        self.make_resident(model)
         seed = request.seed if request.seed is not None else random_seed()
         log.info(
             "Mode %s on %s%s: %dx%d, %d image(s), %d steps, seed %d.",
@@ -155,6 +156,19 @@ class Engine:
 
         with timed("encoding files", self.device):
             return save_images(images, self.output_folder, request.output_format, request.output_quality)
+
+    def make_resident(self, model: FluxModel) -> None:
+        """On a GPU too small for both transformers, move the other one out and this one in."""
+        if model.resident:
+            return
+        with timed(f"moving FLUX.1 {model.name} onto the GPU", self.device):
+            for other in self.models.values():
+                if other.resident and other is not model:
+                    other.text_to_image.transformer.to("cpu")
+                    other.resident = False
+            torch.cuda.empty_cache()
+            model.text_to_image.transformer.to(self.device)
+            model.resident = True
 
     def check_lora(self, input_name: str, source: str) -> None:
         """Fetch and check a LoRA without applying it, so a deployment's fixed LoRA that

@@ -36,6 +36,8 @@ class FluxModel:
     max_sequence_length: int
     # The go_fast pipelines: the same modules but a quantized, compiled transformer.
     fast_pipelines: dict[Mode, DiffusionPipeline] | None = None
+    # False while the transformer waits in CPU memory on a GPU too small for both.
+    resident: bool = True
 
     @property
     def text_to_image(self) -> FluxPipeline:
@@ -54,12 +56,27 @@ def _for_all_modes(pipeline: FluxPipeline) -> dict[Mode, DiffusionPipeline]:
 
 
 def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[str, FluxModel]:
-    """dev and schnell; with `fast`, each also gets its go_fast pipelines."""
+    """dev and schnell; with `fast`, each also gets its go_fast pipelines where memory allows."""
     # device_map loads each weight straight onto the device instead of staging 24 GB in RAM.
     place = {"dtype": settings.dtype, "device_map": str(settings.device)}
     dev = FluxPipeline.from_pretrained(settings.dev_weights, **place)
+    schnell_resident = True
+    try:
+        schnell_transformer = FluxTransformer2DModel.from_pretrained(
+            settings.schnell_weights, subfolder="transformer", **place
+        )
+    except torch.cuda.OutOfMemoryError:
+        # A GPU too small for both transformers: schnell waits in CPU memory and the two swap
+        # places when a request needs the other (Engine.make_resident).
+        torch.cuda.empty_cache()
+        log.warning("Not enough GPU memory for both transformers: schnell stays in CPU memory until needed.")
+        schnell_transformer = FluxTransformer2DModel.from_pretrained(
+            settings.schnell_weights, subfolder="transformer", dtype=settings.dtype, device_map="cpu"
+        )
+        schnell_resident = fast = None
+        log.warning("go_fast: no GPU memory for fp8 copies, so go_fast requests run the standard path.")
     schnell = FluxPipeline(
-        transformer=FluxTransformer2DModel.from_pretrained(settings.schnell_weights, subfolder="transformer", **place),
+        transformer=schnell_transformer,
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(settings.schnell_weights, subfolder="scheduler"),
         vae=dev.vae,
         text_encoder=dev.text_encoder,
@@ -70,9 +87,9 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
     models = {}
     for name, pipeline, max_sequence_length in (("dev", dev, 512), ("schnell", schnell, 256)):
         model = FluxModel(name, _for_all_modes(pipeline), max_sequence_length)
+        model.resident = name == "dev" or bool(schnell_resident)
         if fast is not None:
-            fast_transformer = build_fast_transformer(pipeline.transformer, fast, name)
-            model.fast_pipelines = _for_all_modes(FluxPipeline.from_pipe(pipeline, transformer=fast_transformer))
+            model.fast_pipelines = _fast_pipelines(pipeline, fast, name)
         for mode_pipeline in [*model.pipelines.values(), *(model.fast_pipelines or {}).values()]:
             # Progress goes to the prediction's log, one line a step, instead of a tqdm bar.
             mode_pipeline.set_progress_bar_config(disable=True)
@@ -82,9 +99,19 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
             name,
             _billions(pipeline.transformer),
             settings.dtype,
-            settings.device,
+            pipeline.transformer.device,
         )
     return models
+
+
+def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> dict[Mode, DiffusionPipeline] | None:
+    try:
+        transformer = build_fast_transformer(pipeline.transformer, fast, name)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        log.warning("go_fast: not enough GPU memory for the fp8 copy of %s; its go_fast requests run bf16.", name)
+        return None
+    return _for_all_modes(FluxPipeline.from_pipe(pipeline, transformer=transformer))
 
 
 def _billions(module: torch.nn.Module) -> float:

@@ -201,3 +201,24 @@ def test_a_lora_wider_than_the_slot_grows_it(
     assert "go_fast: LoRA rank 12 exceeds the slot's 8; growing it (one recompile)." in caplog.text
     assert slot_rank(transformer) == 12
     assert wide != png(fast_predictor, go_fast=True)
+
+
+def test_the_lora_scale_needs_no_go_fast_multiplier(fast_predictor: Any, loras: dict) -> None:
+    """Published predictors multiply lora_scale by 1.5 under go_fast. Measured here: the
+    slot applies the LoRA in full precision, so the same scale gives the same effect as the
+    standard path, and a 1.5x multiplier overshoots by about half."""
+
+    def pixels(**inputs: Any) -> np.ndarray:
+        return np.asarray(image_of(png(fast_predictor, **inputs)), dtype=np.float32)
+
+    style = data_uri(loras["style"])
+    standard_effect = pixels(replicate_weights=style, lora_scale=0.5) - pixels()
+    base = pixels(go_fast=True)
+
+    def mismatch(multiplier: float) -> float:
+        fast_effect = pixels(go_fast=True, replicate_weights=style, lora_scale=0.5 * multiplier) - base
+        return float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
+
+    same_scale, multiplied = mismatch(1.0), mismatch(1.5)
+    assert same_scale < 0.1
+    assert multiplied > 3 * same_scale

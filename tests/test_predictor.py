@@ -271,3 +271,36 @@ def test_a_failed_request_leaves_the_next_one_unchanged(predictor: Any, tmp_path
         with pytest.raises(InputError):
             fast(predictor, prompt="a cat", **bad)
     assert fast(predictor, prompt="a cat") == reference
+
+
+def test_a_gpu_too_small_for_both_transformers_swaps_them(
+    demo_models: Any, predictor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import engine.pipelines
+
+    original = engine.pipelines.FluxTransformer2DModel.from_pretrained
+    attempts = []
+
+    def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("subfolder") != "transformer":  # the dev pipeline's own loading
+            return original(*args, **kwargs)
+        attempts.append(kwargs)
+        if len(attempts) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.pipelines.FluxTransformer2DModel, "from_pretrained", out_of_memory_once)
+    with caplog.at_level(logging.INFO):
+        small = make_predictor(predictor_env(demo_models, tmp_path / "cache"))
+    monkeypatch.undo()
+    assert "Not enough GPU memory for both transformers: schnell stays in CPU memory" in caplog.text
+    assert attempts[1]["device_map"] == "cpu"
+    models = small.engine.models
+    assert (models["dev"].resident, models["schnell"].resident) == (True, False)
+    with caplog.at_level(logging.INFO):
+        schnell = fast(small, prompt="a cat", model="schnell")
+        dev = fast(small, prompt="a cat")
+    assert (models["dev"].resident, models["schnell"].resident) == (True, False)
+    assert "Timing: moving FLUX.1 schnell onto the GPU" in caplog.text
+    assert schnell == fast(predictor, prompt="a cat", model="schnell")
+    assert dev == fast(predictor, prompt="a cat")
