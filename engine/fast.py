@@ -8,7 +8,9 @@ Every optimisation is an explicit switch (environment variables, read into FastS
   torch.compile of the repeated blocks, with dynamic shapes so that sizes, batch sizes and
   modes share compiled graphs;
 - FLUX_COMPILE_CACHE_DIR: where inductor keeps its caches, so a second start is fast;
-- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries.
+- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries;
+- FLUX_GPU_RESERVE_GIB: GPU memory kept free for activations when deciding whether an
+  fp8 copy fits (default 8).
 
 The fast copy shares every non-Linear tensor with the bf16 transformer (loaded by
 `load_state_dict(assign=True)` into a meta skeleton), so it costs only its quantized
@@ -39,6 +41,7 @@ class FastSettings:
     compile_backend: str
     lora_rank: int
     compile_cache_dir: str | None
+    gpu_reserve_bytes: int = 8 * 2**30
 
     @classmethod
     def from_env(cls) -> FastSettings:
@@ -48,6 +51,7 @@ class FastSettings:
             compile_backend=os.environ.get("FLUX_COMPILE_BACKEND", "inductor"),
             lora_rank=int(os.environ.get("FLUX_FAST_LORA_RANK", "64")),
             compile_cache_dir=os.environ.get("FLUX_COMPILE_CACHE_DIR") or None,
+            gpu_reserve_bytes=int(float(os.environ.get("FLUX_GPU_RESERVE_GIB", "8")) * 2**30),
         )
 
 

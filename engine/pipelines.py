@@ -105,6 +105,10 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
 
 
 def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> dict[Mode, DiffusionPipeline] | None:
+    shortfall = _gpu_shortfall(pipeline.transformer, fast)
+    if shortfall:
+        log.warning("go_fast: no fp8 copy of %s (%s); its go_fast requests run bf16.", name, shortfall)
+        return None
     try:
         transformer = build_fast_transformer(pipeline.transformer, fast, name)
     except torch.cuda.OutOfMemoryError:
@@ -112,6 +116,19 @@ def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> di
         log.warning("go_fast: not enough GPU memory for the fp8 copy of %s; its go_fast requests run bf16.", name)
         return None
     return _for_all_modes(FluxPipeline.from_pipe(pipeline, transformer=transformer))
+
+
+def _gpu_shortfall(transformer: torch.nn.Module, fast: FastSettings) -> str | None:
+    """Why an fp8 copy would not fit beside what is loaded, keeping room for activations:
+    a copy that fills the GPU would make later requests fail instead of setup."""
+    if transformer.device.type != "cuda":
+        return None
+    linear_weights = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    needed = linear_weights + fast.gpu_reserve_bytes  # one byte per fp8 weight
+    free, _ = torch.cuda.mem_get_info(transformer.device)
+    if free < needed:
+        return f"it needs {needed / 2**30:.1f} GiB with the activation reserve and {free / 2**30:.1f} GiB are free"
+    return None
 
 
 def _billions(module: torch.nn.Module) -> float:
