@@ -3,22 +3,32 @@ paths for the deployment's own FLUX_MAIN_LORA only; fetched once into a bounded 
 
 Only safetensors files are accepted, directly or as the one .safetensors member of a .tar or .zip.
 Secrets never reach a message or a log: sources are shown without their query string or userinfo, a
-token goes only to the host it belongs to, and errors are raised `from None` so that no chained
-exception carries a URL.
+token goes only to the host it belongs to, errors are raised `from None` so that no chained
+exception carries a URL, and the HTTP libraries' request lines lose their query strings.
+
+Every download is bounded: a connect and a read timeout, an overall deadline that cuts off even a server
+that trickles a byte at a time, a size limit checked against Content-Length and again while streaming (and
+while unpacking an archive), a bounded number of redirects, and a bounded number of retries with backoff
+for transient failures. A file is trusted, and cached, only once its whole safetensors structure checks
+out. Whatever fails, the request gets one sentence naming the input, and the cache holds nothing of it.
 """
 
 from __future__ import annotations
 
 import base64
+import bz2
+import errno
 import fcntl
 import gzip
 import hashlib
-import itertools
 import json
 import logging
+import lzma
+import math
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import tarfile
@@ -34,15 +44,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import httpx2
 import requests
-from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import constants
+from urllib3.exceptions import ReadTimeoutError
 
 from engine.inputs import InputError
 
 log = logging.getLogger(__name__)
-# Their request lines carry whole URLs, signatures included, at INFO (httpx2) and DEBUG (urllib3).
+# Their request lines carry whole URLs, signatures included, at INFO (httpx2) and DEBUG (urllib3): raised to
+# WARNING, and, should a deployment turn them back down, stripped of query strings by a filter (see the end).
 for _library in ("httpx2", "urllib3"):
     logging.getLogger(_library).setLevel(max(logging.getLogger(_library).level, logging.WARNING))
 
@@ -50,15 +60,50 @@ SETTINGS_INPUT = "FLUX_MAIN_LORA"
 DEFAULT_MAX_LORA_BYTES = 2 * 1024**3
 DEFAULT_CACHE_BYTES = 20 * 1024**3
 CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
+READ_TIMEOUT_S = 60  # the longest silence from a server; FLUX_LORA_READ_TIMEOUT_S overrides it
+DOWNLOAD_TIMEOUT_S = 900  # one fetch in all (API calls, redirects, retries); FLUX_LORA_DOWNLOAD_TIMEOUT_S
+MAX_REDIRECTS = 10
 CHUNK_BYTES = 1024 * 1024
+MAX_API_BYTES = 16 * 1024**2  # a JSON answer from CivitAI's API
 ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5  # doubles after each failed attempt
 MAX_ARCHIVE_MEMBERS = 10_000
+# Unpacking reads at most FLUX_LORA_MAX_BYTES plus this much (tar headers and padding), and no single header
+# over MAX_ARCHIVE_HEADER_BYTES, so a small compressed archive cannot expand without bound, on disk or in memory.
+ARCHIVE_OVERHEAD_BYTES = 32 * 1024**2
+MAX_ARCHIVE_HEADER_BYTES = 16 * 1024**2
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 STALE_PART_S = 3600
 EVICTION_GRACE_S = 60  # a request may have fetched a file this recently and not have loaded it yet
 PREFERRED_MEMBER = "lora.safetensors"
 NOT_SAFETENSORS = "the file is not a .safetensors file"
+# Bits per element of each safetensors dtype.
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+# Errors of the cache's filesystem rather than of the network.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO}
 ACCEPTED_FORMS = (
     "owner/model[/version] or replicate.com/owner/model[/versions/<id>] (Replicate); "
     "huggingface.co/owner/repo[/<file>.safetensors | /blob/<rev>/<path> | /resolve/<rev>/<path>]; "
@@ -131,8 +176,9 @@ class LoraCache:
         """A fetch killed mid-way leaves its .part behind; one untouched for an hour is abandoned."""
         for part in self.folder.glob("*.part"):
             with suppress(OSError):  # another process may be cleaning up too
-                if time.time() - part.stat().st_mtime > STALE_PART_S:
-                    if part.is_dir():
+                info = part.lstat()  # a link is judged, and removed, as itself
+                if time.time() - info.st_mtime > STALE_PART_S:
+                    if stat.S_ISDIR(info.st_mode):
                         shutil.rmtree(part)
                     else:
                         part.unlink()
@@ -140,12 +186,13 @@ class LoraCache:
 
 @dataclass
 class _Job:
-    """One fetch: where its bytes go before they are trusted, and how its errors read."""
+    """One fetch: where its bytes go before they are trusted, how its errors read, and its deadline."""
 
     input_name: str
     shown: str
     cache: LoraCache
     part: Path
+    watchdog: _Watchdog
 
     @property
     def member(self) -> Path:
@@ -158,6 +205,102 @@ class _Job:
         return self.error(
             f"the file is larger than the {self.cache.max_file_bytes:,} bytes accepted (FLUX_LORA_MAX_BYTES)"
         )
+
+    def timed_out(self) -> LoraSourceError:
+        return self.error(
+            f"the download took longer than the {self.watchdog.seconds:g} s allowed (FLUX_LORA_DOWNLOAD_TIMEOUT_S)"
+        )
+
+
+class _Watchdog:
+    """A fetch's overall deadline. Timeouts bound each wait for the server, not a server that trickles a byte
+    just often enough, so at the deadline every socket the fetch opened is shut down: a blocked read returns at
+    once, and the fetch sees `expired`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._deadline = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._guard = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._guard:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._guard:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._guard:
+            self._sockets.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, also for an SSLSocket: it acts on the descriptor, whatever TLS is doing.
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """Hands every socket its connections open to the watchdog."""
+
+    def __init__(self, watchdog: _Watchdog):
+        self._watchdog = watchdog
+        super().__init__()
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        if not getattr(pool.ConnectionCls, "_watchdog", None):
+            watchdog, base = self._watchdog, pool.ConnectionCls
+
+            class Watched(base):  # type: ignore[misc, valid-type]
+                _watchdog = watchdog
+
+                def _new_conn(self) -> socket.socket:
+                    sock = super()._new_conn()
+                    watchdog.watch(sock)
+                    return sock
+
+            pool.ConnectionCls = Watched
+        return pool
+
+
+def _session(watchdog: _Watchdog) -> requests.Session:
+    session = requests.Session()
+    session.max_redirects = MAX_REDIRECTS
+    adapter = _WatchedAdapter(watchdog)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else `default` (read per fetch, so tests and
+    deployments may change it)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        log.warning("%s=%r is not a positive number of seconds; using %g.", name, text, default)
+        return default
+    return value
 
 
 def redact(source: str) -> str:
@@ -260,52 +403,112 @@ def fetch_lora(input_name: str, source: str, cache: LoraCache) -> Path:
         path = Path(reference.target).expanduser()
         if not path.is_file():
             raise LoraSourceError(f"Invalid {input_name} {shown!r}: no such file.")
-        if _is_safetensors(path):
+        try:
+            problem = _safetensors_problem(path)
+        except OSError as error:
+            raise LoraSourceError(f"Invalid {input_name} {shown!r}: it cannot be read ({error.strerror}).") from None
+        if problem is None:
             return path
+        if problem is not _NOT_SAFETENSORS:
+            raise LoraSourceError(f"Invalid {input_name} {shown!r}: the .safetensors file is damaged: {problem}.")
         # An archive: unpacked into the cache, keyed by its state on disk so that a replaced file counts as new.
         reference = replace(reference, version=f"{path.stat().st_mtime_ns}:{path.stat().st_size}")
     target = cache.path_for(reference.cache_key())
-    with _locked(target):
-        if target.exists() and _is_safetensors(target):  # a file damaged on disk is fetched again
-            os.utime(target)  # most recently used, for eviction
-            log.info("LoRA for %s: %s, from the cache.", input_name, shown)
-            return target
-        cache.clean_stale_parts()
-        job = _Job(input_name, shown, cache, target.with_suffix(".part"))
-        log.info("LoRA for %s: fetching %s.", input_name, shown)
-        try:
-            _FETCHERS[reference.kind](job, reference)
-            _install(job, target)
-        finally:
-            job.part.unlink(missing_ok=True)
-            job.member.unlink(missing_ok=True)
-    cache.evict(keep=target)
+    try:
+        with _locked(target):
+            if target.exists() and _safetensors_problem(target) is None:  # a file damaged on disk is fetched again
+                with suppress(OSError):  # a read-only cache still serves what it holds
+                    os.utime(target)  # most recently used, for eviction
+                log.info("LoRA for %s: %s, from the cache.", input_name, shown)
+                return target
+            cache.clean_stale_parts()
+            watchdog = _Watchdog(_seconds("FLUX_LORA_DOWNLOAD_TIMEOUT_S", DOWNLOAD_TIMEOUT_S))
+            job = _Job(input_name, shown, cache, target.with_suffix(".part"), watchdog)
+            log.info("LoRA for %s: fetching %s.", input_name, shown)
+            try:
+                _FETCHERS[reference.kind](job, reference)
+                _install(job, target)
+            finally:
+                watchdog.stop()
+                for leftover in (job.part, job.member):
+                    with suppress(OSError):
+                        leftover.unlink(missing_ok=True)
+    except OSError as error:
+        # Each fetcher turns network errors into sentences, so what gets here is the cache's disk.
+        problem = f"the download failed: {_describe(error)}" if isinstance(error, requests.RequestException) else None
+        raise LoraSourceError(f"Invalid {input_name} {shown!r}: {problem or _cache_problem(cache, error)}.") from None
+    try:
+        cache.evict(keep=target)
+    except OSError as error:
+        log.warning("LoRA cache: eviction failed (%s).", error.strerror or type(error).__name__)
     return target
 
 
-_THREAD_LOCKS: dict[str, threading.Lock] = {}
+def _cache_problem(cache: LoraCache, error: OSError) -> str:
+    return f"the LoRA cache folder {cache.folder} cannot be written ({error.strerror or type(error).__name__})"
+
+
+_THREAD_LOCKS: dict[str, tuple[threading.Lock, list[int]]] = {}  # each with the number of threads using it
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
 @contextmanager
 def _locked(target: Path) -> Iterator[None]:
     """One fetch of a source at a time: flock across processes, and a thread lock as well because on network
-    filesystems flock may be emulated with per-process locks that do not exclude threads."""
+    filesystems flock may be emulated with per-process locks that do not exclude threads.
+
+    The lock file is removed by its holder before it lets go, so failed and one-off sources leave nothing
+    behind; a process that was waiting on the removed file sees that the path no longer names the file it
+    locked, and starts again on a new one. Only the empty .locks folder stays."""
     lock_path = target.parent / ".locks" / (target.stem + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock_path)
     with _THREAD_LOCKS_GUARD:
-        thread_lock = _THREAD_LOCKS.setdefault(str(lock_path), threading.Lock())
-    with thread_lock, lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        thread_lock, users = _THREAD_LOCKS.setdefault(key, (threading.Lock(), [0]))
+        users[0] += 1
+    try:
+        with thread_lock:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                handle = lock_path.open("a")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    if _same_file(handle, lock_path):
+                        break
+                except BaseException:
+                    handle.close()
+                    raise
+                handle.close()  # its holder removed it while this process waited
+            try:
+                yield
+            finally:
+                with suppress(OSError):
+                    lock_path.unlink()
+                handle.close()
+    finally:
+        with _THREAD_LOCKS_GUARD:
+            users[0] -= 1
+            if not users[0]:
+                del _THREAD_LOCKS[key]
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        on_disk = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _install(job: _Job, target: Path) -> None:
     """Rename into place only once complete and checked, so an interrupted fetch is never trusted later."""
     lora = job.part
-    if not _is_safetensors(lora):
+    problem = _safetensors_problem(lora)
+    if problem is _NOT_SAFETENSORS:
         _extract_member(job)
         lora = job.member
+    elif problem is not None:
+        raise job.error(f"the .safetensors file is damaged: {problem}")
     os.replace(lora, target)
 
 
@@ -335,9 +538,9 @@ def _from_civitai(job: _Job, reference: Reference) -> None:
         return _download(job, url, token)
     # A model id is not a version id: the model's newest version is the first that the API lists.
     if reference.version:
-        version = _fetch(job, f"{base}/api/v1/model-versions/{reference.version}", token, requests.Response.json)
+        version = _fetch(job, f"{base}/api/v1/model-versions/{reference.version}", token, _json_of(job))
     else:
-        model = _fetch(job, f"{base}/api/v1/models/{reference.target}", token, requests.Response.json)
+        model = _fetch(job, f"{base}/api/v1/models/{reference.target}", token, _json_of(job))
         version = next(iter(model.get("modelVersions") or []), None) if isinstance(model, dict) else None
     listed = version.get("files") if isinstance(version, dict) else None
     files = [file for file in listed or [] if isinstance(file, dict) and _civitai_safetensors(file)]
@@ -351,40 +554,50 @@ def _from_civitai(job: _Job, reference: Reference) -> None:
     _download(job, f"{base}{download.path}" + (f"?{download.query}" if download.query else ""), token)
 
 
+def _json_of(job: _Job) -> Callable[[requests.Response], Any]:
+    def read(response: requests.Response) -> Any:
+        body = bytearray()
+        for chunk in response.iter_content(CHUNK_BYTES):
+            body += chunk
+            if len(body) > MAX_API_BYTES:
+                raise job.error(f"the API's answer is larger than the {MAX_API_BYTES:,} bytes accepted")
+        try:
+            return json.loads(body)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            raise job.error("the download failed: the API's answer is not JSON") from None
+
+    return read
+
+
 def _civitai_safetensors(file: dict[str, Any]) -> bool:
     metadata = file.get("metadata") or {}
     return metadata.get("format") == "SafeTensor" or str(file.get("name", "")).lower().endswith(".safetensors")
 
 
 def _from_hugging_face(job: _Job, reference: Reference) -> None:
+    """The Hub's API and files through the same bounded requests as every other source (huggingface_hub's own
+    have no overall deadline, nor a size limit while streaming): the repository's listing at the revision,
+    then the file at the commit it names, as huggingface_hub's model_info and hf_hub_download ask for them."""
     endpoint = _service_base("huggingface")
-    with _hub_errors(job):
-        info = HfApi(endpoint=endpoint).model_info(reference.target, revision=reference.version, files_metadata=True)
-    sizes = {sibling.rfilename: sibling.size for sibling in info.siblings or []}
+    revision = f"/revision/{urllib.parse.quote(reference.version, safe='')}" if reference.version else ""
+    info = _fetch(job, f"{endpoint}/api/models/{reference.target}{revision}?blobs=true", "HF_TOKEN", _json_of(job))
+    siblings = info.get("siblings") if isinstance(info, dict) else None
+    if not isinstance(siblings, list):
+        raise job.error("the Hugging Face API's answer lists no files")
+    sizes = {
+        str(sibling["rfilename"]): sibling.get("size")
+        for sibling in siblings
+        if isinstance(sibling, dict) and "rfilename" in sibling
+    }
     filename = reference.filename or _only_safetensors(job, reference, sorted(sizes))
     if filename not in sizes:
         raise job.error(f"not found: the repository has no file {filename!r}")
-    if (sizes[filename] or 0) > job.cache.max_file_bytes:
+    size = sizes[filename]
+    if isinstance(size, int) and size > job.cache.max_file_bytes:
         raise job.too_large()
-    # Downloaded beside the cache (same filesystem, so the rename is atomic), then moved into it: the
-    # cache stays the one copy on disk, under the one bound.
-    scratch = job.part.with_suffix(".hub.part")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        with _hub_errors(job):
-            downloaded = hf_hub_download(
-                reference.target,
-                filename,
-                revision=info.sha or reference.version,
-                local_dir=scratch,
-                cache_dir=scratch / "cache",
-                endpoint=endpoint,
-            )
-        os.replace(downloaded, job.part)
-        if job.part.stat().st_size > job.cache.max_file_bytes:  # where the hub listed no size
-            raise job.too_large()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    sha = info.get("sha") if isinstance(info.get("sha"), str) else None
+    commit = urllib.parse.quote(sha or reference.version or "main", safe="")
+    _download(job, f"{endpoint}/{reference.target}/resolve/{commit}/{urllib.parse.quote(filename)}", "HF_TOKEN")
 
 
 def _only_safetensors(job: _Job, reference: Reference, names: list[str]) -> str:
@@ -399,47 +612,73 @@ def _only_safetensors(job: _Job, reference: Reference, names: list[str]) -> str:
     )
 
 
-@contextmanager
-def _hub_errors(job: _Job) -> Iterator[None]:
-    try:
-        yield
-    except HfHubHTTPError as error:
-        raise job.error(_status_problem(error.response.status_code, "HF_TOKEN")) from None
-    except (OSError, httpx2.HTTPError) as error:
-        raise job.error(f"the download from Hugging Face failed ({type(error).__name__})") from None
-
-
 _FETCHERS: dict[str, Callable[[_Job, Reference], object]] = {
     "url": lambda job, reference: _download(job, reference.target),
     "data": _from_data_uri,
-    "local": lambda job, reference: shutil.copyfile(Path(reference.target).expanduser(), job.part),
+    "local": lambda job, reference: _write(job, _read_local(job, Path(reference.target).expanduser()), job.part),
     "replicate": _from_replicate,
     "civitai": _from_civitai,
     "huggingface": _from_hugging_face,
 }
 
 
+def _read_local(job: _Job, path: Path) -> Iterator[bytes]:
+    """A local archive's bytes; an error reading it is its own, not the cache's."""
+    try:
+        with path.open("rb") as file:
+            yield from iter(lambda: file.read(CHUNK_BYTES), b"")
+    except OSError as error:
+        raise job.error(f"it cannot be read ({error.strerror})") from None
+
+
 def _fetch(job: _Job, url: str, token_var: str | None, use: Callable[[requests.Response], _T]) -> _T:
-    """GET `url` and hand the response to `use`, retrying connection errors, 429 and 5xx with backoff.
-    The token goes to `url`'s host only: requests drops Authorization on a redirect to another host."""
+    """GET `url` and hand the response to `use`, retrying connection errors, timeouts, 429 and 5xx with
+    backoff, within the job's deadline. The token goes to `url`'s host only: requests drops Authorization on
+    a redirect to another host."""
     token = os.environ.get(token_var) if token_var else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    read_timeout = _seconds("FLUX_LORA_READ_TIMEOUT_S", READ_TIMEOUT_S)
+    watchdog = job.watchdog
     problem = ""
-    for attempt in range(ATTEMPTS):
-        if attempt:
-            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-        try:
-            with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as answer:
-                if answer.status_code == 429 or answer.status_code >= 500:
-                    problem = f"the server answered HTTP {answer.status_code}"
-                    continue
-                if answer.status_code >= 400:
-                    raise job.error(_status_problem(answer.status_code, token_var))
-                return use(answer)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-            problem = f"the download failed: {_describe(error)}"
-        except requests.RequestException as error:
-            raise job.error(f"the download failed: {_describe(error)}") from None
+    with _session(watchdog) as session:
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), watchdog.remaining()))
+            if watchdog.expired or not watchdog.remaining():
+                raise job.timed_out()
+            timeout = (min(CONNECT_TIMEOUT_S, watchdog.remaining()), min(read_timeout, watchdog.remaining()))
+            try:
+                with session.get(url, headers=headers, stream=True, timeout=timeout) as answer:
+                    if answer.status_code == 429 or answer.status_code >= 500:
+                        problem = f"the server answered HTTP {answer.status_code}"
+                        log.info(
+                            "LoRA for %s: HTTP %d, attempt %d of %d.",
+                            job.input_name,
+                            answer.status_code,
+                            attempt + 1,
+                            ATTEMPTS,
+                        )
+                        continue
+                    if answer.status_code >= 400:
+                        raise job.error(_status_problem(answer.status_code, token_var))
+                    try:
+                        result = use(answer)
+                    except LoraSourceError:
+                        if watchdog.expired:  # what `use` made of a body that the deadline cut short
+                            raise job.timed_out() from None
+                        raise
+                if watchdog.expired:  # the deadline cut the body short where no Content-Length showed it
+                    raise job.timed_out()
+                return result
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+                if watchdog.expired:
+                    raise job.timed_out() from None
+                problem = f"the download failed: {_describe(error)}"
+                log.info("LoRA for %s: %s, attempt %d of %d.", job.input_name, _describe(error), attempt + 1, ATTEMPTS)
+            except requests.RequestException as error:
+                if watchdog.expired:
+                    raise job.timed_out() from None
+                raise job.error(f"the download failed: {_describe(error)}") from None
     raise job.error(problem)
 
 
@@ -453,15 +692,18 @@ def _status_problem(status: int, token_var: str | None) -> str:
 
 
 _DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
-    (requests.Timeout, "the server did not answer in time"),
+    (requests.Timeout, "the server did not answer in time (FLUX_LORA_READ_TIMEOUT_S)"),
     (requests.exceptions.ChunkedEncodingError, "the connection broke off before the end of the file"),
+    (requests.TooManyRedirects, f"the server redirected more than {MAX_REDIRECTS} times"),
+    (requests.exceptions.ContentDecodingError, "the server's compressed answer cannot be decoded"),
     (requests.ConnectionError, "the connection failed"),
-    (requests.JSONDecodeError, "the API's answer is not JSON"),
 )
 
 
 def _describe(error: Exception) -> str:
     # Only the kind of error: its own text carries the URL, signature and all.
+    if isinstance(error, requests.ConnectionError) and error.args and isinstance(error.args[0], ReadTimeoutError):
+        error = requests.Timeout()  # requests reports a read timeout while streaming the body as a ConnectionError
     return next((text for kind, text in _DESCRIPTIONS if isinstance(error, kind)), type(error).__name__)
 
 
@@ -476,34 +718,121 @@ def _download(job: _Job, url: str, token_var: str | None = None) -> None:
 
 
 def _write(job: _Job, chunks: Iterable[bytes], path: Path) -> None:
+    """Stream `chunks` to `path`, stopping at the size limit. Only the file's own operations are the disk's:
+    errors from `chunks` (the network, or an archive) pass through as they are."""
     written = 0
-    with path.open("wb") as file:
+    file = path.open("wb")
+    try:
         for chunk in chunks:
             written += len(chunk)
             if written > job.cache.max_file_bytes:
                 raise job.too_large()
             file.write(chunk)
+    except BaseException:
+        with suppress(OSError):
+            file.close()
+        raise
+    file.close()  # the last write may fail only here, on a full disk
 
 
 def _extract_member(job: _Job) -> None:
-    """Stream the archive's one .safetensors member to job.member; nothing else is written anywhere."""
+    """Stream the archive's one .safetensors member to job.member; nothing else is written anywhere. Reading
+    is bounded: entries are checked as they are listed, before the next is looked for, and a compressed tar
+    is read through _Bounded."""
+    unreadable = job.error("the archive cannot be read (damaged, encrypted or compressed in an unknown way)")
     try:
         if zipfile.is_zipfile(job.part):
             with zipfile.ZipFile(job.part) as archive:
                 infos = archive.infolist()
-                index = _choose_member(job, [(info.filename, info.file_size, _zip_kind(info)) for info in infos])
+                index = _choose_member(job, ((info.filename, info.file_size, _zip_kind(info)) for info in infos))
                 _write_member(job, archive.open(infos[index]))
-        elif tarfile.is_tarfile(job.part):
-            with tarfile.open(job.part) as tar:
-                members = list(itertools.islice(tar, MAX_ARCHIVE_MEMBERS + 1))  # a flood stops at the limit
-                index = _choose_member(job, [(member.name, member.size, _tar_kind(member)) for member in members])
+            return _check_member(job)
+        with _decompressed(job.part) as (stream, compressed):
+            bounded = _Bounded(job, stream, job.cache.max_file_bytes + ARCHIVE_OVERHEAD_BYTES)
+            try:
+                tar = tarfile.open(fileobj=bounded, mode="r:")  # type: ignore[call-overload]
+            except tarfile.ReadError:
+                if compressed:
+                    raise
+                raise job.error(
+                    f"{NOT_SAFETENSORS} (nor a .tar or .zip archive holding one){_html_hint(job)}"
+                ) from None
+            with tar:
+                members: list[tarfile.TarInfo] = []
+
+                def listed() -> Iterator[tuple[str, int, str]]:
+                    for member in tar:  # lazily: a member too large is refused before reading past it
+                        members.append(member)
+                        yield member.name, member.size, _tar_kind(member)
+
+                index = _choose_member(job, listed())
                 _write_member(job, tar.extractfile(members[index]))
-        else:
-            raise job.error(f"{NOT_SAFETENSORS} (nor a .tar or .zip archive holding one)")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, RuntimeError):
-        raise job.error("the archive cannot be read (damaged, encrypted or compressed in an unknown way)") from None
-    if not _is_safetensors(job.member):
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, RuntimeError):
+        raise unreadable from None
+    except OSError as error:  # gzip.BadGzipFile, or bz2's "Invalid data stream"; not the disk's, see _write
+        if error.errno in _DISK_ERRNOS:
+            raise
+        raise unreadable from None
+    _check_member(job)
+
+
+def _check_member(job: _Job) -> None:
+    problem = _safetensors_problem(job.member)
+    if problem is _NOT_SAFETENSORS:
         raise job.error("the .safetensors file in the archive is not a safetensors file")
+    if problem is not None:
+        raise job.error(f"the .safetensors file in the archive is damaged: {problem}")
+
+
+@contextmanager
+def _decompressed(path: Path) -> Iterator[tuple[IO[bytes], bool]]:
+    """The file, decompressed as it is read when it is gzip, bzip2 or xz; and whether it was."""
+    with path.open("rb") as file:
+        magic = file.read(6)
+    opener: Callable[[Path], IO[bytes]] | None = (
+        gzip.open
+        if magic.startswith(b"\x1f\x8b")
+        else bz2.open
+        if magic.startswith(b"BZh")
+        else lzma.open
+        if magic.startswith(b"\xfd7zXZ\x00")
+        else None
+    )
+    with (opener or (lambda name: open(name, "rb")))(path) as stream:
+        yield stream, opener is not None
+
+
+class _Bounded:
+    """A read-only view of a stream that goes no further than `limit` bytes and reads no more than
+    MAX_ARCHIVE_HEADER_BYTES at once (tarfile reads a pax or GNU long-name header whole), so that a small
+    compressed archive cannot make tarfile unpack, or hold in memory, more than that."""
+
+    def __init__(self, job: _Job, stream: IO[bytes], limit: int):
+        self._job, self._stream, self._limit = job, stream, limit
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            raise OSError("seeking from the end is not supported")
+        target = offset + (self.tell() if whence == 1 else 0)
+        if target > self._limit:
+            raise self._too_large()
+        return self._stream.seek(target)
+
+    def read(self, size: int | None = -1) -> bytes:
+        allowed = self._limit - self.tell()
+        wanted = allowed + 1 if size is None or size < 0 else size
+        if wanted > MAX_ARCHIVE_HEADER_BYTES:
+            raise self._job.error(f"the archive has an entry header over {MAX_ARCHIVE_HEADER_BYTES:,} bytes")
+        data = self._stream.read(min(wanted, allowed + 1))
+        if len(data) > allowed:
+            raise self._too_large()
+        return data
+
+    def _too_large(self) -> LoraSourceError:
+        return self._job.error(f"the archive unpacks to over {self._limit:,} bytes (FLUX_LORA_MAX_BYTES)")
 
 
 def _write_member(job: _Job, stream: IO[bytes] | None) -> None:
@@ -521,12 +850,15 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
     return "file" if member.isreg() else "dir" if member.isdir() else "link or special file"
 
 
-def _choose_member(job: _Job, entries: list[tuple[str, int, str]]) -> int:
-    """The index of the LoRA among (name, size, kind) entries, after checking every entry is safe."""
-    if len(entries) > MAX_ARCHIVE_MEMBERS:
-        raise job.error(f"the archive has more than {MAX_ARCHIVE_MEMBERS} entries")
+def _choose_member(job: _Job, listing: Iterable[tuple[str, int, str]]) -> int:
+    """The index of the LoRA among (name, size, kind) entries, after checking every entry is safe. Each entry
+    is checked as it comes, so that a lazy listing stops at the first one over a limit."""
+    entries: list[tuple[str, int, str]] = []
     total = 0
-    for name, size, kind in entries:
+    for name, size, kind in listing:
+        if len(entries) == MAX_ARCHIVE_MEMBERS:
+            raise job.error(f"the archive has more than {MAX_ARCHIVE_MEMBERS} entries")
+        entries.append((name, size, kind))
         segments = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in segments or re.match(r"[A-Za-z]:", name):
             raise job.error(f"the archive entry {name!r} points outside the archive")
@@ -553,15 +885,105 @@ def _listing(names: list[str], shown: int = 10) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with an 8-byte length and a JSON object of that length."""
+def _html_hint(job: _Job) -> str:
+    with job.part.open("rb") as file:
+        start = file.read(512).lstrip().lower()
+    return "; it is a web page, perhaps a sign-in or error page" if start.startswith((b"<!doctype", b"<html")) else ""
+
+
+class _NotSafetensors(str):
+    pass
+
+
+_NOT_SAFETENSORS = _NotSafetensors("not a safetensors file")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None when `path` is a whole, consistent safetensors file; _NOT_SAFETENSORS when it does not even start
+    like one (it may be an archive); else what is wrong with it. Cheap: only the header is read.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON object of that length, and the data:
+    every tensor's data_offsets [begin, end) (relative to the data) must hold exactly its shape times its
+    dtype's size, and the tensors must tile the data, in order, with no gap, overlap or trailing byte."""
     size = path.stat().st_size
     with path.open("rb") as file:
-        prefix = file.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        if not 2 <= length <= size - 8:
-            return False
+        prefix = file.read(9)
+        if len(prefix) < 9 or prefix[8:] != b"{":
+            return _NOT_SAFETENSORS
+        length = struct.unpack("<Q", prefix[:8])[0]
+        if not 2 <= length <= MAX_SAFETENSORS_HEADER_BYTES:
+            return _NOT_SAFETENSORS
+        if 8 + length > size:
+            return f"it ends inside its header (truncated: {size:,} bytes, the header alone is {8 + length:,})"
+        file.seek(8)
         try:
-            return isinstance(json.loads(file.read(length)), dict)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return False
+            header = json.loads(file.read(length))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_bytes = size - 8 - length
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return "its __metadata__ is not a map of strings"
+            continue
+        shown = repr(name[:60] + ("..." if len(name) > 60 else ""))
+        if not isinstance(entry, dict):
+            return f"the header's entry for tensor {shown} is not an object"
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            return f"tensor {shown} has an unknown dtype {str(dtype)[:20]!r}"
+        if not isinstance(shape, list) or not all(_natural(n) for n in shape):
+            return f"tensor {shown} has no valid shape"
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(n) for n in offsets):
+            return f"tensor {shown} has no valid data_offsets"
+        begin, end = offsets
+        if end < begin:
+            return f"tensor {shown} has data_offsets that end before they begin ({begin:,} > {end:,})"
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != end - begin:
+            return (
+                f"tensor {shown} ({dtype}, shape {shape}) needs {bits / 8:,g} bytes "
+                f"but its data_offsets hold {end - begin:,}"
+            )
+        spans.append((begin, end, shown))
+    cursor = 0
+    for begin, end, shown in sorted(spans):
+        if end > data_bytes:
+            return (
+                f"it is truncated: tensor {shown} ends at byte {end:,} of the data, "
+                f"which holds only {data_bytes:,} bytes"
+            )
+        if begin != cursor:
+            kind = "overlaps the one before it" if begin < cursor else "leaves a gap before it"
+            return f"the header lies about its tensors: tensor {shown} {kind} (data_offsets {begin:,} vs {cursor:,})"
+        cursor = end
+    if cursor != data_bytes:
+        return f"the header lies about its tensors: they cover {cursor:,} of its {data_bytes:,} bytes of data"
+    return None
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _RedactQueries(logging.Filter):
+    """Strips query strings (signatures) from the HTTP libraries' own log records, should a deployment set
+    them to DEBUG or INFO."""
+
+    _QUERY = re.compile(r"\?[^\s\"'<>]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: logging reports it as usual, after the filters
+            return True
+        if "?" in message:
+            record.msg, record.args = self._QUERY.sub("?...", message), None
+        return True
+
+
+for _library in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager", "urllib3.util.retry", "httpx2"):
+    logging.getLogger(_library).addFilter(_RedactQueries())

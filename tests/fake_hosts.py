@@ -2,7 +2,14 @@
 
 Routes are registered per test as (status, headers, body) or a callable; every request is
 recorded, so tests can assert what did (or did not) touch the network. A body given as a list
-of chunks is sent without Content-Length, ended by closing the connection.
+(or any iterable) of chunks is sent without Content-Length, ended by closing the connection;
+a RESET among the chunks aborts the connection there with a TCP reset instead. A Content-Length
+given in the headers wins over the body's own, so a route can lie about it.
+
+Faulty servers, for tests/test_download_faults.py: `host.trickle(...)`, `host.endless(...)` and
+`host.stall(...)` are bodies that never end on their own, `host.slow(seconds, response)` a route
+that answers late, and `host.raw(chunks)` one that writes whatever it is given, headers and all;
+all of them give up when the host closes, so no thread outlives a test.
 
 Beyond plain files it plays the three LoRA hubs, each on the paths the real one uses:
 
@@ -14,17 +21,28 @@ Beyond plain files it plays the three LoRA hubs, each on the paths the real one 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import socket
+import struct
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Body = bytes | list[bytes]
+
+class Reset:
+    """Among a body's chunks: abort the connection at that point with a TCP reset (RST), as a crashed
+    server or proxy does, rather than closing it cleanly."""
+
+
+RESET = Reset()
+Body = bytes | Iterable[bytes | Reset]
 Response = tuple[int, dict[str, str], Body]
-Route = Response | Callable[[BaseHTTPRequestHandler], Response]
+Route = Response | Callable[[BaseHTTPRequestHandler], Response | None]  # None: the route wrote its own answer
 UNAUTHORIZED: Response = (401, {"Content-Type": "application/json"}, b'{"error": "Invalid credentials"}')
 
 
@@ -41,6 +59,7 @@ class FakeHost:
     routes: dict[str, Route] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # the path (with query) of every request, in order
     calls: list[Call] = field(default_factory=list)  # the same requests, with method and headers
+    closed: threading.Event = field(default_factory=threading.Event)  # set by close(): endless bodies stop
 
     @property
     def url(self) -> str:
@@ -65,9 +84,10 @@ class FakeHost:
     def serve_hf_repo(
         self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None
     ) -> str:
-        """The Hugging Face Hub, as much as huggingface_hub's model_info and hf_hub_download use: the repo's
-        info with its files (siblings), and HEAD/GET `/<repo>/resolve/<revision or commit>/<file>` with the
-        commit and ETag headers. With `token`, every route wants `Authorization: Bearer <token>`."""
+        """The Hugging Face Hub, as much as weights.py (and huggingface_hub's model_info and hf_hub_download)
+        uses: the repo's info with its files (siblings), and HEAD/GET
+        `/<repo>/resolve/<revision or commit>/<file>` with the commit and ETag headers. With `token`, every
+        route wants `Authorization: Bearer <token>`."""
         sha = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
         siblings = [{"rfilename": name, "size": len(data)} for name, data in files.items()]
         info = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": bool(token), "siblings": siblings})
@@ -122,7 +142,51 @@ class FakeHost:
             listed.append(version)
         self.routes[f"/api/v1/models/{model_id}"] = _guarded(token, _json({"id": model_id, "modelVersions": listed}))
 
+    def trickle(self, data: bytes = b"x", every_s: float = 0.1) -> Iterator[bytes]:
+        """A body that sends one byte of `data` (repeated) every `every_s` seconds, forever."""
+        for byte in itertools.cycle(data):
+            if self.closed.wait(every_s):
+                return
+            yield bytes([byte])
+
+    def endless(self, chunk: bytes = bytes(64 * 1024)) -> Iterator[bytes]:
+        """A body that sends `chunk` again and again, as fast as the client reads, forever."""
+        while not self.closed.is_set():
+            yield chunk
+
+    def stall(self, first: bytes = b"") -> Iterator[bytes]:
+        """A body that sends `first`, then nothing more, with the connection left open."""
+        yield first
+        self.closed.wait()
+
+    def slow(self, seconds: float, response: Response) -> Callable[[BaseHTTPRequestHandler], Response]:
+        """A route that answers with `response` only after `seconds` (headers included)."""
+
+        def answer(handler: BaseHTTPRequestHandler) -> Response:
+            self.closed.wait(seconds)
+            return response
+
+        return answer
+
+    def raw(self, chunks: Iterable[bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
+        """A route that writes `chunks` to the connection as they come, HTTP status line and headers included:
+        with `trickle`, a server that sends its headers a byte at a time."""
+
+        def answer(handler: BaseHTTPRequestHandler) -> None:
+            with suppress(BrokenPipeError, ConnectionResetError):
+                for chunk in chunks:
+                    handler.wfile.write(chunk)
+                    handler.wfile.flush()
+            handler.close_connection = True
+
+        return answer
+
+    def count(self, path: str) -> int:
+        """How many requests asked for `path` (with or without a query)."""
+        return sum(1 for requested in self.requests if requested.split("?")[0] == path)
+
     def close(self) -> None:
+        self.closed.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -141,16 +205,30 @@ def start_fake_host() -> FakeHost:
             host.requests.append(self.path)
             host.calls.append(Call(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
             route = host.routes.get(self.path) or host.routes.get(self.path.split("?")[0])
-            status, headers, body = (404, {}, b"not found") if route is None else _resolve(route, self)
+            response = (404, {}, b"not found") if route is None else _resolve(route, self)
+            if response is None:
+                return
+            status, headers, body = response
             self.send_response(status)
             sized = {"Content-Length": str(len(body))} if isinstance(body, bytes) else {}
             for name, value in {**sized, **headers}.items():
                 self.send_header(name, value)
             self.end_headers()
             if send_body:
-                for chunk in [body] if isinstance(body, bytes) else body:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
+                try:
+                    for chunk in [body] if isinstance(body, bytes) else body:
+                        if isinstance(chunk, Reset):
+                            return self._reset()
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):  # the client hung up, as it may
+                    self.close_connection = True
+
+        def _reset(self) -> None:
+            # SO_LINGER with a zero timeout makes close() send RST rather than FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -162,7 +240,7 @@ def start_fake_host() -> FakeHost:
     return host
 
 
-def _resolve(route: Route, handler: BaseHTTPRequestHandler) -> Response:
+def _resolve(route: Route, handler: BaseHTTPRequestHandler) -> Response | None:
     return route(handler) if callable(route) else route
 
 
