@@ -3,6 +3,7 @@ the real loaders, and a helper that calls predict() the way Cog does (every defa
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ def run(predictor: Any, **inputs: Any) -> list[bytes]:
 
 def fast(predictor: Any, **inputs: Any) -> list[bytes]:
     return run(predictor, **{**FAST, **inputs})
+
+
+def data_uri(data: bytes | Path) -> str:
+    """A base64 data: URI of the bytes, or of the file at a path."""
+    raw = Path(data).read_bytes() if isinstance(data, Path) else data
+    return "data:application/octet-stream;base64," + base64.b64encode(raw).decode()
 
 
 def image_of(data: bytes) -> Image.Image:

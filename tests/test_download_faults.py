@@ -11,7 +11,6 @@ small here through their environment variables, so that no test takes more than 
 
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
 import functools
@@ -37,7 +36,7 @@ import safetensors.torch
 
 import weights
 from engine.inputs import InputError
-from tests.conftest import fast
+from tests.conftest import data_uri, fast
 from tests.fake_hosts import RESET, FakeHost, Route, start_fake_host
 from weights import LoraCache, LoraSourceError, fetch_lora, parse_source
 
@@ -107,10 +106,6 @@ def zip_bomb() -> bytes:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         archive.writestr("lora.safetensors", bytes(50_000_000))
     return buffer.getvalue()
-
-
-def data_uri(data: bytes) -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture

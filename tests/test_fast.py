@@ -5,7 +5,6 @@ recompiles, do not depend on the backend)."""
 
 from __future__ import annotations
 
-import base64
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torch._dynamo.utils import counters
 from engine.fast import FastSettings, fast_path_unavailable
 from engine.inputs import InputError
 from lora_loading.slots import SLOT, slot_rank
-from tests.conftest import fast, image_of, make_predictor, predictor_env
+from tests.conftest import data_uri, fast, image_of, make_predictor, predictor_env
 from tests.lora_factory import make_peft_lora
 
 FAST_ENV = {"FLUX_FAST_QUANTIZATION": "int8-weight-only", "FLUX_COMPILE_BACKEND": "eager", "FLUX_FAST_LORA_RANK": "8"}
@@ -28,10 +27,6 @@ FAST_ENV = {"FLUX_FAST_QUANTIZATION": "int8-weight-only", "FLUX_COMPILE_BACKEND"
 def settings(**changes: Any) -> FastSettings:
     base = {"quantization": "auto", "compile": True, "compile_backend": "inductor", "lora_rank": 64}
     return FastSettings(**{**base, **changes, "compile_cache_dir": None})
-
-
-def data_uri(path: Path) -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def png(predictor: Any, **inputs: Any) -> bytes:

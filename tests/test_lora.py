@@ -3,7 +3,6 @@ all-or-nothing, separate per model, and fetched safely."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import pickle
 from collections.abc import Iterator
@@ -16,13 +15,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from engine.inputs import InputError
-from tests.conftest import fast, make_predictor, predictor_env
+from tests.conftest import data_uri, fast, make_predictor, predictor_env
 from tests.fake_hosts import FakeHost, start_fake_host
 from tests.lora_factory import make_peft_lora
-
-
-def data_uri(path: Path) -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 @pytest.fixture(scope="module")

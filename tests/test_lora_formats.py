@@ -3,7 +3,6 @@ layout: each file below is written from one set of PEFT tensors, so the bytes mu
 
 from __future__ import annotations
 
-import base64
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import safetensors.torch
 import torch
 
 from engine.inputs import InputError
-from tests.conftest import fast
+from tests.conftest import data_uri, fast
 
 RANK = 4
 DOUBLE = "transformer.transformer_blocks.0"
@@ -23,7 +22,7 @@ SINGLE = "transformer.single_transformer_blocks.0"
 def data_uri_of(state_dict: dict[str, torch.Tensor], folder: Path, name: str) -> str:
     path = folder / f"{name}.safetensors"
     safetensors.torch.save_file({k: v.clone().contiguous() for k, v in state_dict.items()}, str(path))
-    return "data:application/octet-stream;base64," + base64.b64encode(path.read_bytes()).decode()
+    return data_uri(path)
 
 
 @pytest.fixture(scope="module")

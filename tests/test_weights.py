@@ -4,7 +4,6 @@ safe archives, errors in the user's terms, and secrets kept out of messages and 
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import io
 import logging
@@ -25,6 +24,7 @@ import safetensors.torch
 import torch
 
 import weights
+from tests.conftest import data_uri
 from tests.fake_hosts import FakeHost, start_fake_host
 from weights import LoraCache, LoraSourceError, Reference, fetch_lora, parse_source
 
@@ -57,10 +57,6 @@ def zipped(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-def data_uri(data: bytes) -> str:
-    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture
