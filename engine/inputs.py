@@ -133,8 +133,11 @@ def _optional_text(name: str, value: Any) -> str | None:
 def _read_image(name: str, value: Any, mode: str) -> Image.Image | None:
     if value is None:
         return None
-    if not isinstance(value, (str, Path)):
-        raise _fail(name, value, "expected an image file")
+    if not isinstance(value, Path):
+        # cog's server turns http(s) and data: URLs into downloaded files (Path objects), but
+        # hands any other string through as it came: read as a path, it would let a client
+        # run img2img on any image file the server can read.
+        raise _fail(name, value, "expected an uploaded file or an http(s) or data: URL; server paths are not read")
     try:
         with Image.open(value) as opened:
             width, height = opened.size

@@ -100,6 +100,15 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     assert parse_request(prompt="a", image=path).image.size == (200, 400)
 
 
+def test_a_string_path_is_not_read(tmp_path: Path) -> None:
+    """cog passes a non-URL string through unchanged: it must not open server files."""
+    image = save_image(tmp_path / "on-the-server.png", (64, 64))
+    with pytest.raises(
+        InputError, match=r"^Invalid image '/.*: expected an uploaded file or an http\(s\) or data: URL"
+    ):
+        parse_request(prompt="a", image=str(image))
+
+
 def test_mask_without_image_is_refused(tmp_path: Path) -> None:
     mask = save_image(tmp_path / "mask.png", (64, 64), "L", 255)
     with pytest.raises(InputError, match="^Invalid mask: a mask was given without an image"):
