@@ -15,13 +15,10 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from engine.openapi import (
     title_case,
     write_openapi_schema,
 )
+from tests.test_scripts import free_port, http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -338,26 +336,6 @@ def test_cli_writes_default_path(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw.decode(errors="replace")
-
-
 @contextlib.contextmanager
 def cog_server(project_dir: Path, predictor_ref: str, ready_timeout: float = 60) -> Iterator[str]:
     """Write the schema into ``project_dir/.cog`` and run the coglet server there.
@@ -366,7 +344,7 @@ def cog_server(project_dir: Path, predictor_ref: str, ready_timeout: float = 60)
     (JSON-lines) log goes to ``project_dir/.cog/server.log``.
     """
     write_openapi_schema(predictor_ref, root=project_dir)
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         PORT=str(port),

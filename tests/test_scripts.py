@@ -68,13 +68,18 @@ def free_port() -> int:
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 60) -> tuple[int, Any]:
+    """Status and JSON body; cog answers some errors in plain text, returned as text."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        raw = error.read()
+        try:
+            return error.code, json.loads(raw)
+        except ValueError:
+            return error.code, raw.decode(errors="replace")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
