@@ -10,7 +10,9 @@ before compiling, and a request only writes tensors into it:
   which is exactly base + s1*dW1 + s2*dW2 with the scale applied once;
 - unused rank rows and layers hold zeros, and with no LoRA the slot is switched off, so
   the base weights are never touched and come back exactly;
-- everything is computed before the first copy, so a failure leaves the slot as it was.
+- everything is computed before the first copy, so a failure leaves the slot as it was,
+  and a write cut short (a cancel) marks the slot unknown, so the next request rewrites it;
+- a request that wants what the slot already holds writes nothing.
 A LoRA whose rank does not fit grows the slot, which costs one recompile (logged).
 """
 
@@ -67,23 +69,30 @@ class LoraSlots:
     def __init__(self, pipeline: FluxPipeline):
         self.pipeline = pipeline
         self.factors: dict[str, Factors] = {}  # by source key: a scale change reads no file
+        self.written: tuple[tuple[str, float], ...] | None = None  # what the slot holds
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         transformer = self.pipeline.transformer
         if not loras:
             transformer.disable_adapters()
             return
+        wanted = tuple((lora.key, lora.scale) for lora in loras)
         stacked = [(self._factors(lora), lora.scale) for lora in loras]
-        needed = sum(max(down.shape[0] for down, _ in factors.values()) for factors, _ in stacked)
-        if needed > slot_rank(transformer):
+        widths = [_rank(factors) for factors, _ in stacked]
+        if sum(widths) > slot_rank(transformer):
             log.warning(
                 "go_fast: LoRA rank %d exceeds the slot's %d; growing it (one recompile).",
-                needed,
+                sum(widths),
                 slot_rank(transformer),
             )
             transformer.unload_lora()  # back to the plain (quantized) Linear layers
-            add_lora_slot(transformer, needed)
-        self._write(stacked)
+            add_lora_slot(transformer, sum(widths))
+            self.written = None
+        # The slot already holds these LoRAs at these scales: a repeat request writes nothing.
+        if wanted != self.written:
+            self.written = None  # until the write completes, the slot's content is unknown
+            self._write(stacked, widths)
+            self.written = wanted
         transformer.enable_adapters()
         # Keep only what this request uses, so memory does not grow with every LoRA seen.
         self.factors = {lora.key: self.factors[lora.key] for lora in loras}
@@ -95,7 +104,7 @@ class LoraSlots:
         return self.factors[lora.key]
 
     @torch.no_grad()
-    def _write(self, stacked: list[tuple[Factors, float]]) -> None:
+    def _write(self, stacked: list[tuple[Factors, float]], widths: list[int]) -> None:
         layers = slot_layers(self.pipeline.transformer)
         writes = []
         for name, module in layers.items():
@@ -104,8 +113,7 @@ class LoraSlots:
             down = torch.zeros(slot_down.shape, dtype=torch.float32, device=slot_down.device)
             up = torch.zeros(slot_up.shape, dtype=torch.float32, device=slot_up.device)
             offset = 0
-            for factors, scale in stacked:
-                width = max(d.shape[0] for d, _ in factors.values())
+            for (factors, scale), width in zip(stacked, widths, strict=True):
                 if name in factors:
                     lora_down, lora_up = factors[name]
                     rank = lora_down.shape[0]
@@ -116,3 +124,8 @@ class LoraSlots:
             writes.append((slot_up, up.to(slot_up.dtype)))
         for target, value in writes:
             target.copy_(value)
+
+
+def _rank(factors: Factors) -> int:
+    """The rows a LoRA takes in the slot: its widest layer's rank."""
+    return max(down.shape[0] for down, _ in factors.values())
