@@ -159,6 +159,7 @@ class Bench:
         from diffusers import FluxPipeline
 
         from engine.fast import FastSettings, build_fast_transformer, configure_compile_cache
+        from engine.pipelines import share_modules
 
         self.fast_settings = FastSettings(
             quantization="int8-weight-only" if self.args.tiny else "auto",
@@ -175,7 +176,7 @@ class Bench:
             self.sync()
             built = time.perf_counter()
             fast = build_fast_transformer(self.pipelines[model].transformer, self.fast_settings, model)
-            self.fast_pipelines[model] = FluxPipeline.from_pipe(self.pipelines[model], transformer=fast)
+            self.fast_pipelines[model] = share_modules(FluxPipeline, self.pipelines[model], transformer=fast)
             self.fast_pipelines[model].set_progress_bar_config(disable=True)
             self.sync()
             self.row(

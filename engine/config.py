@@ -11,6 +11,8 @@ DEFAULT_DEV_WEIGHTS = "black-forest-labs/FLUX.1-dev"
 DEFAULT_SCHNELL_WEIGHTS = "black-forest-labs/FLUX.1-schnell"
 DEFAULT_SAFETY_CHECKER_WEIGHTS = "CompVis/stable-diffusion-safety-checker"
 DEFAULT_NSFW_CLASSIFIER_WEIGHTS = "Falconsai/nsfw_image_detection"
+# float16 is not offered: FLUX's activations overflow it.
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -21,21 +23,23 @@ class Settings:
     nsfw_classifier_weights: str
     device: torch.device
     main_lora: str | None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        # bf16 is what FLUX was trained in and what fits two transformers on one GPU;
-        # on CPU bf16 matmuls are 30-50x slower than fp32, so CPU runs fp32.
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+    dtype: torch.dtype
 
     @classmethod
     def from_env(cls) -> Settings:
-        device = os.environ.get("FLUX_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(os.environ.get("FLUX_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 is what FLUX was trained in and what fits two transformers on one GPU; on CPU
+        # bf16 matmuls are 30-50x slower than fp32, so CPU defaults to fp32. Tests set bf16
+        # on CPU to run the GPU's dtype (and the fp8 path, which needs bf16 weights).
+        dtype_name = os.environ.get("FLUX_DTYPE") or ("bfloat16" if device.type == "cuda" else "float32")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"FLUX_DTYPE={dtype_name!r} is not supported: use one of {', '.join(DTYPES)}.")
         return cls(
             dev_weights=os.environ.get("FLUX_DEV_WEIGHTS") or DEFAULT_DEV_WEIGHTS,
             schnell_weights=os.environ.get("FLUX_SCHNELL_WEIGHTS") or DEFAULT_SCHNELL_WEIGHTS,
             safety_checker_weights=os.environ.get("FLUX_SAFETY_CHECKER_WEIGHTS") or DEFAULT_SAFETY_CHECKER_WEIGHTS,
             nsfw_classifier_weights=os.environ.get("FLUX_NSFW_CLASSIFIER_WEIGHTS") or DEFAULT_NSFW_CLASSIFIER_WEIGHTS,
-            device=torch.device(device),
+            device=device,
             main_lora=os.environ.get("FLUX_MAIN_LORA") or None,
+            dtype=DTYPES[dtype_name],
         )

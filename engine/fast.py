@@ -2,8 +2,9 @@
 
 Every optimisation is an explicit switch (environment variables, read into FastSettings):
 - FLUX_FAST_QUANTIZATION: `auto` (torchao fp8, dynamic activations and per-row weight
-  scales, on CUDA GPUs of compute capability 8.9+), `off`, or a CPU-capable torchao config
-  (`int8-weight-only`, `float8-weight-only`) that runs the same code path in tests;
+  scales, on CUDA GPUs of compute capability 8.9+), `off`, or a named torchao config used
+  wherever torchao accepts it: `float8-dynamic` (auto's config without our hardware check;
+  the tests run it on CPU past torchao's own check), `int8-weight-only`, `float8-weight-only`;
 - FLUX_COMPILE (1/0) and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`): regional
   torch.compile of the repeated blocks, with dynamic shapes so that sizes, batch sizes and
   modes share compiled graphs;
@@ -31,7 +32,8 @@ from lora_loading.slots import add_lora_slot
 
 log = logging.getLogger(__name__)
 FP8_MIN_CAPABILITY = (8, 9)
-CPU_CAPABLE_CONFIGS = ("int8-weight-only", "float8-weight-only")
+RECOMPILE_LIMIT = 64
+NAMED_CONFIGS = ("float8-dynamic", "int8-weight-only", "float8-weight-only")
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,21 @@ class FastSettings:
         )
 
 
-def fast_path_unavailable(settings: FastSettings, device: torch.device) -> str | None:
+def fast_path_unavailable(settings: FastSettings, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why go_fast must run the standard path here, or None when the fast path can be built."""
     if settings.quantization == "off":
         return "FLUX_FAST_QUANTIZATION is off"
-    if settings.quantization in CPU_CAPABLE_CONFIGS:
-        return None
-    if settings.quantization != "auto":
-        return f"FLUX_FAST_QUANTIZATION={settings.quantization!r} is not one of auto, off, " + ", ".join(
-            CPU_CAPABLE_CONFIGS
-        )
-    if device.type != "cuda":
-        return f"fp8 needs a CUDA GPU and this server runs on {device.type}"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < FP8_MIN_CAPABILITY:
-        return f"fp8 needs compute capability 8.9 or higher and this GPU has {capability[0]}.{capability[1]}"
+    if settings.quantization not in ("auto", *NAMED_CONFIGS):
+        return f"FLUX_FAST_QUANTIZATION={settings.quantization!r} is not one of auto, off, " + ", ".join(NAMED_CONFIGS)
+    if settings.quantization == "auto":
+        if device.type != "cuda":
+            return f"fp8 needs a CUDA GPU and this server runs on {device.type}"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            return f"fp8 needs compute capability 8.9 or higher and this GPU has {capability[0]}.{capability[1]}"
+    if settings.quantization in ("auto", "float8-dynamic") and dtype != torch.bfloat16:
+        # torchao's per-row fp8 asserts on anything but bf16 weights.
+        return f"fp8 with per-row scales needs bfloat16 weights and FLUX_DTYPE is {str(dtype).removeprefix('torch.')}"
     return None
 
 
@@ -85,6 +87,8 @@ def _quantization_config(name: str):  # type: ignore[no-untyped-def]
         return Int8WeightOnlyConfig()
     if name == "float8-weight-only":
         return Float8WeightOnlyConfig()
+    # auto and float8-dynamic: activations are quantized per token at run time and weights
+    # per output row, so the matmuls run on the GPU's fp8 tensor cores.
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
@@ -120,6 +124,10 @@ def build_fast_transformer(
         time.perf_counter() - start,
     )
     if settings.compile:
+        # Every block of both models shares one compiled code object, with an entry for each
+        # slot state, batch 1 or more, slot rank and quantization: past dynamo's default
+        # limit of 8, a fullgraph compile raises instead of running the request.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # dynamic=True: one graph serves every size and batch size, so a new aspect ratio,
         # custom size or img2img input does not recompile.
         fast.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)

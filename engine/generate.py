@@ -48,7 +48,7 @@ class Engine:
         self.settings = settings
         self.device = settings.device
         fast = FastSettings.from_env()
-        self.fast_unavailable = fast_path_unavailable(fast, self.device)
+        self.fast_unavailable = fast_path_unavailable(fast, self.device, settings.dtype)
         configure_compile_cache(fast)
         with timed(
             "loading FLUX.1 dev and schnell" + ("" if self.fast_unavailable else " (+ go_fast copies)"), self.device

@@ -3,7 +3,7 @@
 The two checkpoints ship identical text encoders, tokenizers and VAE, so schnell borrows
 dev's copies and only its transformer and scheduler are loaded separately. For each model,
 txt2img, img2img and inpainting are three diffusers pipelines over the same modules
-(`from_pipe` shares them), so a LoRA applied to the transformer applies to all three.
+(`share_modules`), so a LoRA applied to the transformer applies to all three.
 """
 
 from __future__ import annotations
@@ -47,11 +47,22 @@ class FluxModel:
         return (self.fast_pipelines if fast and self.fast_pipelines else self.pipelines)[mode]
 
 
+def share_modules(
+    pipeline_class: type[DiffusionPipeline], pipeline: DiffusionPipeline, **replace: torch.nn.Module
+) -> DiffusionPipeline:
+    """A pipeline of another class over the same modules (those in `replace` swapped in).
+
+    Not diffusers' `from_pipe`: without a dtype argument it casts every shared module to
+    float32 (diffusers 0.42, pipeline_utils.from_pipe), which doubles a bf16 model's GPU
+    memory and would dequantize the fp8 copy. The constructors take the modules as they are."""
+    return pipeline_class(**{**pipeline.components, **replace})
+
+
 def _for_all_modes(pipeline: FluxPipeline) -> dict[Mode, DiffusionPipeline]:
     return {
         Mode.TEXT_TO_IMAGE: pipeline,
-        Mode.IMAGE_TO_IMAGE: FluxImg2ImgPipeline.from_pipe(pipeline),
-        Mode.INPAINTING: FluxInpaintPipeline.from_pipe(pipeline),
+        Mode.IMAGE_TO_IMAGE: share_modules(FluxImg2ImgPipeline, pipeline),
+        Mode.INPAINTING: share_modules(FluxInpaintPipeline, pipeline),
     }
 
 
@@ -115,7 +126,7 @@ def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> di
         torch.cuda.empty_cache()
         log.warning("go_fast: not enough GPU memory for the fp8 copy of %s; its go_fast requests run bf16.", name)
         return None
-    return _for_all_modes(FluxPipeline.from_pipe(pipeline, transformer=transformer))
+    return _for_all_modes(share_modules(FluxPipeline, pipeline, transformer=transformer))
 
 
 def _gpu_shortfall(transformer: torch.nn.Module, fast: FastSettings) -> str | None:

@@ -13,7 +13,8 @@ before compiling, and a request only writes tensors into it:
 - everything is computed before the first copy, so a failure leaves the slot as it was,
   and a write cut short (a cancel) marks the slot unknown, so the next request rewrites it;
 - a request that wants what the slot already holds writes nothing.
-A LoRA whose rank does not fit grows the slot, which costs one recompile (logged).
+A LoRA whose rank does not fit grows the slot to the next power of two, which costs one
+recompile (logged).
 """
 
 from __future__ import annotations
@@ -80,13 +81,16 @@ class LoraSlots:
         stacked = [(self._factors(lora), lora.scale) for lora in loras]
         widths = [_rank(factors) for factors, _ in stacked]
         if sum(widths) > slot_rank(transformer):
+            # Powers of two: a server sees only a few slot ranks, so a few compiled graphs.
+            grown = 1 << (sum(widths) - 1).bit_length()
             log.warning(
-                "go_fast: LoRA rank %d exceeds the slot's %d; growing it (one recompile).",
+                "go_fast: LoRA rank %d exceeds the slot's %d; growing it to %d (one recompile).",
                 sum(widths),
                 slot_rank(transformer),
+                grown,
             )
             transformer.unload_lora()  # back to the plain (quantized) Linear layers
-            add_lora_slot(transformer, sum(widths))
+            add_lora_slot(transformer, grown)
             self.written = None
         # The slot already holds these LoRAs at these scales: a repeat request writes nothing.
         if wanted != self.written:
