@@ -94,11 +94,11 @@ def _quantization_config(name: str):  # type: ignore[no-untyped-def]
 
 def configure_compile_cache(settings: FastSettings) -> None:
     if settings.compile_cache_dir:
-        # Inductor's FX graph and autotuning caches live here; a deployment that keeps this
-        # folder skips most of the compile work on its next start.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", settings.compile_cache_dir)
-        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        # Inductor's FX graph, AOTAutograd and Triton caches (on by default) all live under
+        # this folder; a deployment that keeps it skips most of the compile work on its next
+        # start. Assigned, not setdefault: torch fills TORCHINDUCTOR_CACHE_DIR with its
+        # default the first time anything asks (cache_dir_utils.cache_dir), which imports do.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(settings.compile_cache_dir)
 
 
 def build_fast_transformer(

@@ -72,26 +72,10 @@ class Engine:
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
         self._explained_go_fast = False
 
-    @torch.inference_mode()
     def _warm_up_fast_path(self) -> None:
-        """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
-        specialises a dimension of size 1), with the LoRA slot off and on."""
         for model in self.models.values():
-            pipeline = model.pipeline(Mode.TEXT_TO_IMAGE, fast=True)
-            for lora_on in (False, True):
-                if lora_on:
-                    pipeline.transformer.enable_adapters()
-                for batch in (1, 2):
-                    pipeline(
-                        prompt="",
-                        width=256,
-                        height=256,
-                        num_inference_steps=1,
-                        num_images_per_prompt=batch,
-                        max_sequence_length=model.max_sequence_length,
-                        output_type="latent",
-                    )
-            pipeline.transformer.disable_adapters()
+            if model.fast_pipelines:  # None where the GPU had no room for the fp8 copy
+                warm_up_fast_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
 
     @torch.inference_mode()
     def predict(self, request: Request) -> list[Path]:
@@ -190,6 +174,27 @@ class Engine:
         self.loras[request.model, fast].apply(files)
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
+
+
+@torch.inference_mode()
+def warm_up_fast_pipeline(pipeline: Any, max_sequence_length: int) -> None:
+    """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
+    specialises a dimension of size 1), with the LoRA slot off and on. Small and one step:
+    with dynamic shapes, the real sizes reuse these graphs."""
+    for lora_on in (False, True):
+        if lora_on:
+            pipeline.transformer.enable_adapters()
+        for batch in (1, 2):
+            pipeline(
+                prompt="",
+                width=256,
+                height=256,
+                num_inference_steps=1,
+                num_images_per_prompt=batch,
+                max_sequence_length=max_sequence_length,
+                output_type="latent",
+            )
+    pipeline.transformer.disable_adapters()
 
 
 def _unique_loras(loras: tuple[LoraRequest, ...]) -> list[LoraRequest]:

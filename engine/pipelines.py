@@ -84,11 +84,26 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
         schnell_transformer = FluxTransformer2DModel.from_pretrained(
             settings.schnell_weights, subfolder="transformer", dtype=settings.dtype, device_map="cpu"
         )
-        schnell_resident = fast = None
+        schnell_resident, fast = False, None
         log.warning("go_fast: no GPU memory for fp8 copies, so go_fast requests run the standard path.")
+    schnell_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(settings.schnell_weights, subfolder="scheduler")
+    return assemble_models(dev, schnell_transformer, schnell_scheduler, fast, schnell_resident=schnell_resident)
+
+
+def assemble_models(
+    dev: FluxPipeline,
+    schnell_transformer: FluxTransformer2DModel,
+    schnell_scheduler: FlowMatchEulerDiscreteScheduler,
+    fast: FastSettings | None,
+    schnell_resident: bool = True,
+) -> dict[str, FluxModel]:
+    """The served models from loaded modules (bench/gpu.py passes full-size random ones)."""
+    # Decode one image at a time: four 1440x1440 images at once need several GiB of VAE
+    # activations, which a GPU holding both models in bf16 and fp8 does not have to spare.
+    dev.vae.enable_slicing()
     schnell = FluxPipeline(
         transformer=schnell_transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(settings.schnell_weights, subfolder="scheduler"),
+        scheduler=schnell_scheduler,
         vae=dev.vae,
         text_encoder=dev.text_encoder,
         tokenizer=dev.tokenizer,
@@ -98,7 +113,7 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
     models = {}
     for name, pipeline, max_sequence_length in (("dev", dev, 512), ("schnell", schnell, 256)):
         model = FluxModel(name, _for_all_modes(pipeline), max_sequence_length)
-        model.resident = name == "dev" or bool(schnell_resident)
+        model.resident = name == "dev" or schnell_resident
         if fast is not None:
             model.fast_pipelines = _fast_pipelines(pipeline, fast, name)
         for mode_pipeline in [*model.pipelines.values(), *(model.fast_pipelines or {}).values()]:
@@ -109,14 +124,14 @@ def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[st
             "Loaded FLUX.1 %s: transformer of %.2f B parameters, %s on %s.",
             name,
             _billions(pipeline.transformer),
-            settings.dtype,
+            pipeline.transformer.dtype,
             pipeline.transformer.device,
         )
     return models
 
 
 def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> dict[Mode, DiffusionPipeline] | None:
-    shortfall = _gpu_shortfall(pipeline.transformer, fast)
+    shortfall = gpu_shortfall(pipeline.transformer, fast)
     if shortfall:
         log.warning("go_fast: no fp8 copy of %s (%s); its go_fast requests run bf16.", name, shortfall)
         return None
@@ -129,7 +144,7 @@ def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> di
     return _for_all_modes(share_modules(FluxPipeline, pipeline, transformer=transformer))
 
 
-def _gpu_shortfall(transformer: torch.nn.Module, fast: FastSettings) -> str | None:
+def gpu_shortfall(transformer: torch.nn.Module, fast: FastSettings) -> str | None:
     """Why an fp8 copy would not fit beside what is loaded, keeping room for activations:
     a copy that fills the GPU would make later requests fail instead of setup."""
     if transformer.device.type != "cuda":

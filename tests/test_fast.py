@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch._dynamo.utils import counters
 
-from engine.fast import FastSettings, fast_path_unavailable
+from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
 from engine.inputs import InputError
 from lora_loading.slots import SLOT, slot_rank
 from tests.conftest import data_uri, fast, image_of, make_predictor, predictor_env
@@ -26,7 +26,7 @@ FAST_ENV = {"FLUX_FAST_QUANTIZATION": "int8-weight-only", "FLUX_COMPILE_BACKEND"
 
 def settings(**changes: Any) -> FastSettings:
     base = {"quantization": "auto", "compile": True, "compile_backend": "inductor", "lora_rank": 64}
-    return FastSettings(**{**base, **changes, "compile_cache_dir": None})
+    return FastSettings(**{"compile_cache_dir": None, **base, **changes})
 
 
 def png(predictor: Any, **inputs: Any) -> bytes:
@@ -69,6 +69,17 @@ def test_switches_off_and_named_configs() -> None:
     )
 
 
+def test_the_compile_cache_goes_where_the_deployment_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    import predict  # noqa: F401  (imports already point torch at its default folder)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache_dir())
+    configure_compile_cache(settings(compile_cache_dir=str(tmp_path / "compile-cache")))
+    assert cache_dir() == str(tmp_path / "compile-cache")
+    assert (tmp_path / "compile-cache").is_dir()
+
+
 def test_without_a_fast_path_go_fast_runs_the_standard_path_and_says_why_once(
     predictor: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -97,6 +108,25 @@ def loras(demo_models: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         "other": make_peft_lora(transformer, folder / "other.safetensors", rank=4, seed=2),
         "wide": make_peft_lora(transformer, folder / "wide.safetensors", rank=12, seed=3),
     }
+
+
+def test_a_model_without_room_for_its_fast_copy_runs_go_fast_on_the_standard_path(
+    demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On an 80 GB GPU the second fp8 copy may not fit: setup must still succeed."""
+    import engine.pipelines
+
+    room = iter([None, "it needs 19.1 GiB with the activation reserve and 3.2 GiB are free"])
+    monkeypatch.setattr(engine.pipelines, "gpu_shortfall", lambda transformer, fast: next(room))
+    with caplog.at_level(logging.WARNING):
+        predictor = make_predictor(predictor_env(demo_models, tmp_path, **FAST_ENV))
+    assert (
+        "go_fast: no fp8 copy of schnell (it needs 19.1 GiB with the activation reserve and 3.2 GiB are free); "
+        "its go_fast requests run bf16." in caplog.text
+    )
+    assert predictor.engine.models["schnell"].fast_pipelines is None
+    assert png(predictor, model="schnell", go_fast=True) == png(predictor, model="schnell", go_fast=False)
+    assert png(predictor, go_fast=True) != png(predictor, go_fast=False)
 
 
 def test_fast_copy_is_quantized_and_leaves_the_bf16_model_alone(fast_predictor: Any, predictor: Any) -> None:
