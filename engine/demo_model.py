@@ -99,7 +99,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _build_clip_tokenizer() -> CLIPTokenizer:
+def build_clip_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     # CLIP's BPE is byte-level: text becomes bytes, each shown as one of 256
@@ -134,7 +134,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
 
-def _build_t5_tokenizer() -> T5Tokenizer:
+def build_t5_tokenizer() -> T5Tokenizer:
     from transformers import T5Tokenizer
 
     # Same ids for the specials as real T5 (pad 0, eos 1, unk 2). T5 is case
@@ -274,8 +274,8 @@ def _build_schedulers() -> tuple[FlowMatchEulerDiscreteScheduler, FlowMatchEuler
 def _save_flux_pipelines(dev_dir: Path, schnell_dir: Path) -> None:
     from diffusers import FluxPipeline
 
-    tokenizer = _build_clip_tokenizer()
-    tokenizer_2 = _build_t5_tokenizer()
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
     text_encoder, text_encoder_2 = _build_text_encoders(
         clip_vocab_size=len(tokenizer),
         clip_eos_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
