@@ -305,3 +305,18 @@ def test_a_gpu_too_small_for_both_transformers_swaps_them(
     assert "Timing: moving FLUX.1 schnell onto the GPU" in caplog.text
     assert schnell == fast(predictor, prompt="a cat", model="schnell")
     assert dev == fast(predictor, prompt="a cat")
+
+
+def test_dtype_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.config import Settings
+
+    monkeypatch.setenv("FLUX_DEVICE", "cpu")
+    monkeypatch.delenv("FLUX_DTYPE", raising=False)
+    assert Settings.from_env().dtype == torch.float32
+    monkeypatch.setenv("FLUX_DEVICE", "cuda")
+    assert Settings.from_env().dtype == torch.bfloat16
+    monkeypatch.setenv("FLUX_DTYPE", "float32")
+    assert Settings.from_env().dtype == torch.float32
+    monkeypatch.setenv("FLUX_DTYPE", "float16")
+    with pytest.raises(ValueError, match=r"^FLUX_DTYPE='float16' is not supported: use one of bfloat16, float32\.$"):
+        Settings.from_env()
