@@ -5,7 +5,7 @@ Every optimisation is an explicit switch (environment variables, read into FastS
   scales, on CUDA GPUs of compute capability 8.9+), `off`, or a named torchao config used
   wherever torchao accepts it: `float8-dynamic` (auto's config without our hardware check;
   the tests run it on CPU past torchao's own check), `int8-weight-only`, `float8-weight-only`;
-- FLUX_COMPILE (1/0) and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`): regional
+- FLUX_COMPILE (1/0) and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`, `aot_eager`): regional
   torch.compile of the repeated blocks, with dynamic shapes so that sizes, batch sizes and
   modes share compiled graphs;
 - FLUX_COMPILE_CACHE_DIR: where inductor keeps its caches, so a second start is fast;
