@@ -30,7 +30,6 @@ import re
 import shutil
 import socket
 import stat
-import struct
 import tarfile
 import tempfile
 import threading
@@ -49,6 +48,7 @@ from huggingface_hub import constants
 from urllib3.exceptions import ReadTimeoutError
 
 from engine.inputs import InputError
+from lora_loading.safetensors_check import NOT_A_SAFETENSORS_FILE, safetensors_problem
 
 log = logging.getLogger(__name__)
 # Their request lines carry whole URLs, signatures included, at INFO (httpx2) and DEBUG (urllib3): raised to
@@ -72,36 +72,10 @@ MAX_ARCHIVE_MEMBERS = 10_000
 # over MAX_ARCHIVE_HEADER_BYTES, so a small compressed archive cannot expand without bound, on disk or in memory.
 ARCHIVE_OVERHEAD_BYTES = 32 * 1024**2
 MAX_ARCHIVE_HEADER_BYTES = 16 * 1024**2
-MAX_SAFETENSORS_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 STALE_PART_S = 3600
 EVICTION_GRACE_S = 60  # a request may have fetched a file this recently and not have loaded it yet
 PREFERRED_MEMBER = "lora.safetensors"
 NOT_SAFETENSORS = "the file is not a .safetensors file"
-# Bits per element of each safetensors dtype.
-DTYPE_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E5M2FNUZ": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "I64": 64,
-    "U64": 64,
-    "F64": 64,
-    "C64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
 # Errors of the cache's filesystem rather than of the network.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO}
 ACCEPTED_FORMS = (
@@ -404,19 +378,19 @@ def fetch_lora(input_name: str, source: str, cache: LoraCache) -> Path:
         if not path.is_file():
             raise LoraSourceError(f"Invalid {input_name} {shown!r}: no such file.")
         try:
-            problem = _safetensors_problem(path)
+            problem = safetensors_problem(path)
         except OSError as error:
             raise LoraSourceError(f"Invalid {input_name} {shown!r}: it cannot be read ({error.strerror}).") from None
         if problem is None:
             return path
-        if problem is not _NOT_SAFETENSORS:
+        if problem is not NOT_A_SAFETENSORS_FILE:
             raise LoraSourceError(f"Invalid {input_name} {shown!r}: the .safetensors file is damaged: {problem}.")
         # An archive: unpacked into the cache, keyed by its state on disk so that a replaced file counts as new.
         reference = replace(reference, version=f"{path.stat().st_mtime_ns}:{path.stat().st_size}")
     target = cache.path_for(reference.cache_key())
     try:
         with _locked(target):
-            if target.exists() and _safetensors_problem(target) is None:  # a file damaged on disk is fetched again
+            if target.exists() and safetensors_problem(target) is None:  # a file damaged on disk is fetched again
                 with suppress(OSError):  # a read-only cache still serves what it holds
                     os.utime(target)  # most recently used, for eviction
                 log.info("LoRA for %s: %s, from the cache.", input_name, shown)
@@ -503,8 +477,8 @@ def _same_file(handle: IO[str], path: Path) -> bool:
 def _install(job: _Job, target: Path) -> None:
     """Rename into place only once complete and checked, so an interrupted fetch is never trusted later."""
     lora = job.part
-    problem = _safetensors_problem(lora)
-    if problem is _NOT_SAFETENSORS:
+    problem = safetensors_problem(lora)
+    if problem is NOT_A_SAFETENSORS_FILE:
         _extract_member(job)
         lora = job.member
     elif problem is not None:
@@ -777,8 +751,8 @@ def _extract_member(job: _Job) -> None:
 
 
 def _check_member(job: _Job) -> None:
-    problem = _safetensors_problem(job.member)
-    if problem is _NOT_SAFETENSORS:
+    problem = safetensors_problem(job.member)
+    if problem is NOT_A_SAFETENSORS_FILE:
         raise job.error("the .safetensors file in the archive is not a safetensors file")
     if problem is not None:
         raise job.error(f"the .safetensors file in the archive is damaged: {problem}")
@@ -889,84 +863,6 @@ def _html_hint(job: _Job) -> str:
     with job.part.open("rb") as file:
         start = file.read(512).lstrip().lower()
     return "; it is a web page, perhaps a sign-in or error page" if start.startswith((b"<!doctype", b"<html")) else ""
-
-
-class _NotSafetensors(str):
-    pass
-
-
-_NOT_SAFETENSORS = _NotSafetensors("not a safetensors file")
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """None when `path` is a whole, consistent safetensors file; _NOT_SAFETENSORS when it does not even start
-    like one (it may be an archive); else what is wrong with it. Cheap: only the header is read.
-
-    A safetensors file is an 8-byte little-endian header length, a JSON object of that length, and the data:
-    every tensor's data_offsets [begin, end) (relative to the data) must hold exactly its shape times its
-    dtype's size, and the tensors must tile the data, in order, with no gap, overlap or trailing byte."""
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        prefix = file.read(9)
-        if len(prefix) < 9 or prefix[8:] != b"{":
-            return _NOT_SAFETENSORS
-        length = struct.unpack("<Q", prefix[:8])[0]
-        if not 2 <= length <= MAX_SAFETENSORS_HEADER_BYTES:
-            return _NOT_SAFETENSORS
-        if 8 + length > size:
-            return f"it ends inside its header (truncated: {size:,} bytes, the header alone is {8 + length:,})"
-        file.seek(8)
-        try:
-            header = json.loads(file.read(length))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            return "its header is not valid JSON"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    data_bytes = size - 8 - length
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                return "its __metadata__ is not a map of strings"
-            continue
-        shown = repr(name[:60] + ("..." if len(name) > 60 else ""))
-        if not isinstance(entry, dict):
-            return f"the header's entry for tensor {shown} is not an object"
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BITS:
-            return f"tensor {shown} has an unknown dtype {str(dtype)[:20]!r}"
-        if not isinstance(shape, list) or not all(_natural(n) for n in shape):
-            return f"tensor {shown} has no valid shape"
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(n) for n in offsets):
-            return f"tensor {shown} has no valid data_offsets"
-        begin, end = offsets
-        if end < begin:
-            return f"tensor {shown} has data_offsets that end before they begin ({begin:,} > {end:,})"
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
-        if bits % 8 or bits // 8 != end - begin:
-            return (
-                f"tensor {shown} ({dtype}, shape {shape}) needs {bits / 8:,g} bytes "
-                f"but its data_offsets hold {end - begin:,}"
-            )
-        spans.append((begin, end, shown))
-    cursor = 0
-    for begin, end, shown in sorted(spans):
-        if end > data_bytes:
-            return (
-                f"it is truncated: tensor {shown} ends at byte {end:,} of the data, "
-                f"which holds only {data_bytes:,} bytes"
-            )
-        if begin != cursor:
-            kind = "overlaps the one before it" if begin < cursor else "leaves a gap before it"
-            return f"the header lies about its tensors: tensor {shown} {kind} (data_offsets {begin:,} vs {cursor:,})"
-        cursor = end
-    if cursor != data_bytes:
-        return f"the header lies about its tensors: they cover {cursor:,} of its {data_bytes:,} bytes of data"
-    return None
-
-
-def _natural(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class _RedactQueries(logging.Filter):
