@@ -11,32 +11,27 @@ that trickles a byte at a time, a size limit checked against Content-Length and 
 while unpacking an archive), a bounded number of redirects, and a bounded number of retries with backoff
 for transient failures. A file is trusted, and cached, only once its whole safetensors structure checks
 out. Whatever fails, the request gets one sentence naming the input, and the cache holds nothing of it.
+Unpacking archives and checking a safetensors header are format concerns: lora_loading/archives.py and
+lora_loading/safetensors_check.py.
 """
 
 from __future__ import annotations
 
 import base64
-import bz2
-import errno
 import fcntl
-import gzip
 import hashlib
 import json
 import logging
-import lzma
 import math
 import os
 import re
 import shutil
 import socket
 import stat
-import tarfile
 import tempfile
 import threading
 import time
 import urllib.parse
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -48,6 +43,7 @@ from huggingface_hub import constants
 from urllib3.exceptions import ReadTimeoutError
 
 from engine.inputs import InputError
+from lora_loading.archives import ArchiveProblem, extract_member, short_listing, write_bounded
 from lora_loading.safetensors_check import NOT_A_SAFETENSORS_FILE, safetensors_problem
 
 log = logging.getLogger(__name__)
@@ -67,17 +63,8 @@ CHUNK_BYTES = 1024 * 1024
 MAX_API_BYTES = 16 * 1024**2  # a JSON answer from CivitAI's API
 ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5  # doubles after each failed attempt
-MAX_ARCHIVE_MEMBERS = 10_000
-# Unpacking reads at most FLUX_LORA_MAX_BYTES plus this much (tar headers and padding), and no single header
-# over MAX_ARCHIVE_HEADER_BYTES, so a small compressed archive cannot expand without bound, on disk or in memory.
-ARCHIVE_OVERHEAD_BYTES = 32 * 1024**2
-MAX_ARCHIVE_HEADER_BYTES = 16 * 1024**2
 STALE_PART_S = 3600
 EVICTION_GRACE_S = 60  # a request may have fetched a file this recently and not have loaded it yet
-PREFERRED_MEMBER = "lora.safetensors"
-NOT_SAFETENSORS = "the file is not a .safetensors file"
-# Errors of the cache's filesystem rather than of the network.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO}
 ACCEPTED_FORMS = (
     "owner/model[/version] or replicate.com/owner/model[/versions/<id>] (Replicate); "
     "huggingface.co/owner/repo[/<file>.safetensors | /blob/<rev>/<path> | /resolve/<rev>/<path>]; "
@@ -479,7 +466,11 @@ def _install(job: _Job, target: Path) -> None:
     lora = job.part
     problem = safetensors_problem(lora)
     if problem is NOT_A_SAFETENSORS_FILE:
-        _extract_member(job)
+        try:
+            extract_member(job.part, job.member, job.cache.max_file_bytes)
+        except ArchiveProblem as archive_problem:
+            raise job.error(str(archive_problem)) from None
+        _check_member(job)
         lora = job.member
     elif problem is not None:
         raise job.error(f"the .safetensors file is damaged: {problem}")
@@ -582,7 +573,7 @@ def _only_safetensors(job: _Job, reference: Reference, names: list[str]) -> str:
         raise job.error("the repository has no .safetensors file")
     raise job.error(
         f"the repository has several .safetensors files; name one, as huggingface.co/{reference.target}/<file>: "
-        + _listing(candidates)
+        + short_listing(candidates)
     )
 
 
@@ -692,62 +683,7 @@ def _download(job: _Job, url: str, token_var: str | None = None) -> None:
 
 
 def _write(job: _Job, chunks: Iterable[bytes], path: Path) -> None:
-    """Stream `chunks` to `path`, stopping at the size limit. Only the file's own operations are the disk's:
-    errors from `chunks` (the network, or an archive) pass through as they are."""
-    written = 0
-    file = path.open("wb")
-    try:
-        for chunk in chunks:
-            written += len(chunk)
-            if written > job.cache.max_file_bytes:
-                raise job.too_large()
-            file.write(chunk)
-    except BaseException:
-        with suppress(OSError):
-            file.close()
-        raise
-    file.close()  # the last write may fail only here, on a full disk
-
-
-def _extract_member(job: _Job) -> None:
-    """Stream the archive's one .safetensors member to job.member; nothing else is written anywhere. Reading
-    is bounded: entries are checked as they are listed, before the next is looked for, and a compressed tar
-    is read through _Bounded."""
-    unreadable = job.error("the archive cannot be read (damaged, encrypted or compressed in an unknown way)")
-    try:
-        if zipfile.is_zipfile(job.part):
-            with zipfile.ZipFile(job.part) as archive:
-                infos = archive.infolist()
-                index = _choose_member(job, ((info.filename, info.file_size, _zip_kind(info)) for info in infos))
-                _write_member(job, archive.open(infos[index]))
-            return _check_member(job)
-        with _decompressed(job.part) as (stream, compressed):
-            bounded = _Bounded(job, stream, job.cache.max_file_bytes + ARCHIVE_OVERHEAD_BYTES)
-            try:
-                tar = tarfile.open(fileobj=bounded, mode="r:")  # type: ignore[call-overload]
-            except tarfile.ReadError:
-                if compressed:
-                    raise
-                raise job.error(
-                    f"{NOT_SAFETENSORS} (nor a .tar or .zip archive holding one){_html_hint(job)}"
-                ) from None
-            with tar:
-                members: list[tarfile.TarInfo] = []
-
-                def listed() -> Iterator[tuple[str, int, str]]:
-                    for member in tar:  # lazily: a member too large is refused before reading past it
-                        members.append(member)
-                        yield member.name, member.size, _tar_kind(member)
-
-                index = _choose_member(job, listed())
-                _write_member(job, tar.extractfile(members[index]))
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, RuntimeError):
-        raise unreadable from None
-    except OSError as error:  # gzip.BadGzipFile, or bz2's "Invalid data stream"; not the disk's, see _write
-        if error.errno in _DISK_ERRNOS:
-            raise
-        raise unreadable from None
-    _check_member(job)
+    write_bounded(chunks, path, job.cache.max_file_bytes, job.too_large)
 
 
 def _check_member(job: _Job) -> None:
@@ -756,113 +692,6 @@ def _check_member(job: _Job) -> None:
         raise job.error("the .safetensors file in the archive is not a safetensors file")
     if problem is not None:
         raise job.error(f"the .safetensors file in the archive is damaged: {problem}")
-
-
-@contextmanager
-def _decompressed(path: Path) -> Iterator[tuple[IO[bytes], bool]]:
-    """The file, decompressed as it is read when it is gzip, bzip2 or xz; and whether it was."""
-    with path.open("rb") as file:
-        magic = file.read(6)
-    opener: Callable[[Path], IO[bytes]] | None = (
-        gzip.open
-        if magic.startswith(b"\x1f\x8b")
-        else bz2.open
-        if magic.startswith(b"BZh")
-        else lzma.open
-        if magic.startswith(b"\xfd7zXZ\x00")
-        else None
-    )
-    with (opener or (lambda name: open(name, "rb")))(path) as stream:
-        yield stream, opener is not None
-
-
-class _Bounded:
-    """A read-only view of a stream that goes no further than `limit` bytes and reads no more than
-    MAX_ARCHIVE_HEADER_BYTES at once (tarfile reads a pax or GNU long-name header whole), so that a small
-    compressed archive cannot make tarfile unpack, or hold in memory, more than that."""
-
-    def __init__(self, job: _Job, stream: IO[bytes], limit: int):
-        self._job, self._stream, self._limit = job, stream, limit
-
-    def tell(self) -> int:
-        return self._stream.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 2:
-            raise OSError("seeking from the end is not supported")
-        target = offset + (self.tell() if whence == 1 else 0)
-        if target > self._limit:
-            raise self._too_large()
-        return self._stream.seek(target)
-
-    def read(self, size: int | None = -1) -> bytes:
-        allowed = self._limit - self.tell()
-        wanted = allowed + 1 if size is None or size < 0 else size
-        if wanted > MAX_ARCHIVE_HEADER_BYTES:
-            raise self._job.error(f"the archive has an entry header over {MAX_ARCHIVE_HEADER_BYTES:,} bytes")
-        data = self._stream.read(min(wanted, allowed + 1))
-        if len(data) > allowed:
-            raise self._too_large()
-        return data
-
-    def _too_large(self) -> LoraSourceError:
-        return self._job.error(f"the archive unpacks to over {self._limit:,} bytes (FLUX_LORA_MAX_BYTES)")
-
-
-def _write_member(job: _Job, stream: IO[bytes] | None) -> None:
-    assert stream is not None  # only regular files are chosen, and they always have a stream
-    with stream:
-        _write(job, iter(lambda: stream.read(CHUNK_BYTES), b""), job.member)
-
-
-def _zip_kind(info: zipfile.ZipInfo) -> str:
-    mode = info.external_attr >> 16  # Unix file type and permissions, where the archiver recorded them
-    return "dir" if info.is_dir() else "file" if stat.S_IFMT(mode) in (0, stat.S_IFREG) else "link or special file"
-
-
-def _tar_kind(member: tarfile.TarInfo) -> str:
-    return "file" if member.isreg() else "dir" if member.isdir() else "link or special file"
-
-
-def _choose_member(job: _Job, listing: Iterable[tuple[str, int, str]]) -> int:
-    """The index of the LoRA among (name, size, kind) entries, after checking every entry is safe. Each entry
-    is checked as it comes, so that a lazy listing stops at the first one over a limit."""
-    entries: list[tuple[str, int, str]] = []
-    total = 0
-    for name, size, kind in listing:
-        if len(entries) == MAX_ARCHIVE_MEMBERS:
-            raise job.error(f"the archive has more than {MAX_ARCHIVE_MEMBERS} entries")
-        entries.append((name, size, kind))
-        segments = name.replace("\\", "/").split("/")
-        if name.startswith(("/", "\\")) or ".." in segments or re.match(r"[A-Za-z]:", name):
-            raise job.error(f"the archive entry {name!r} points outside the archive")
-        if kind not in ("file", "dir"):
-            raise job.error(f"the archive entry {name!r} is a {kind}; only regular files are accepted")
-        total += size
-        if total > job.cache.max_file_bytes:
-            raise job.error(f"the archive unpacks to over {job.cache.max_file_bytes:,} bytes (FLUX_LORA_MAX_BYTES)")
-    candidates = [
-        index
-        for index, (name, _, kind) in enumerate(entries)
-        if kind == "file" and name.lower().endswith(".safetensors") and not name.startswith("__MACOSX/")
-    ]
-    preferred = [index for index in candidates if entries[index][0].split("/")[-1] == PREFERRED_MEMBER]
-    if len(candidates) == 1 or len(preferred) == 1:
-        return (preferred or candidates)[0]
-    if not candidates:
-        raise job.error("the archive holds no .safetensors file")
-    names = [entries[index][0] for index in candidates]
-    raise job.error(f"the archive holds several .safetensors files, not one {PREFERRED_MEMBER}: {_listing(names)}")
-
-
-def _listing(names: list[str], shown: int = 10) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def _html_hint(job: _Job) -> str:
-    with job.part.open("rb") as file:
-        start = file.read(512).lstrip().lower()
-    return "; it is a web page, perhaps a sign-in or error page" if start.startswith((b"<!doctype", b"<html")) else ""
 
 
 class _RedactQueries(logging.Filter):

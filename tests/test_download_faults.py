@@ -36,6 +36,7 @@ import safetensors.torch
 
 import weights
 from engine.inputs import InputError
+from lora_loading import archives
 from tests.conftest import data_uri, fast
 from tests.fake_hosts import RESET, FakeHost, Route, start_fake_host
 from weights import LoraCache, LoraSourceError, fetch_lora, parse_source
@@ -473,7 +474,7 @@ def test_the_unpacking_bound_holds_past_the_declared_sizes(
 ) -> None:
     """Members that each claim little, but whose headers and padding go on and on: stopped by the
     overall bound on how far the archive is read, not by the sum of the sizes."""
-    monkeypatch.setattr(weights, "ARCHIVE_OVERHEAD_BYTES", 200_000)
+    monkeypatch.setattr(archives, "ARCHIVE_OVERHEAD_BYTES", 200_000)
     files = {f"{index}/lora.txt": b"" for index in range(2000)}  # 2000 headers of 512 bytes each, no data
     body = tar_bytes(files, mode="w:gz")
     message = str(pytest.raises(LoraSourceError, fetch_lora, "extra_lora", host.serve("/w.tar.gz", body), cache).value)

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 import weights
+from lora_loading import archives
 from tests.conftest import data_uri
 from tests.fake_hosts import FakeHost, start_fake_host
 from weights import LoraCache, LoraSourceError, Reference, fetch_lora, parse_source
@@ -588,7 +589,7 @@ def test_unsafe_or_ambiguous_archives_are_refused(
 
 
 def test_archives_with_too_many_members(host: FakeHost, cache: LoraCache, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weights, "MAX_ARCHIVE_MEMBERS", 5)
+    monkeypatch.setattr(archives, "MAX_ARCHIVE_MEMBERS", 5)
     files = {f"{index}.txt": b"x" for index in range(8)} | {"lora.safetensors": lora(1)}
     assert "the archive has more than 5 entries" in failure(cache, host.serve("/many.tar", tar(files)))
     assert "the archive has more than 5 entries" in failure(cache, host.serve("/many.zip", zipped(files)))
