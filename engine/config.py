@@ -13,6 +13,8 @@ DEFAULT_SAFETY_CHECKER_WEIGHTS = "CompVis/stable-diffusion-safety-checker"
 DEFAULT_NSFW_CLASSIFIER_WEIGHTS = "Falconsai/nsfw_image_detection"
 # float16 is not offered: FLUX's activations overflow it.
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# auto: offload only when FLUX.1 dev does not fit on the GPU (engine/offload.py).
+OFFLOAD_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Settings:
     device: torch.device
     main_lora: str | None
     dtype: torch.dtype
+    offload: str = "auto"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -34,6 +37,9 @@ class Settings:
         dtype_name = os.environ.get("FLUX_DTYPE") or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"FLUX_DTYPE={dtype_name!r} is not supported: use one of {', '.join(DTYPES)}.")
+        offload = os.environ.get("FLUX_OFFLOAD") or "auto"
+        if offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"FLUX_OFFLOAD={offload!r} is not supported: use one of {', '.join(OFFLOAD_CHOICES)}.")
         return cls(
             dev_weights=os.environ.get("FLUX_DEV_WEIGHTS") or DEFAULT_DEV_WEIGHTS,
             schnell_weights=os.environ.get("FLUX_SCHNELL_WEIGHTS") or DEFAULT_SCHNELL_WEIGHTS,
@@ -42,4 +48,5 @@ class Settings:
             device=device,
             main_lora=os.environ.get("FLUX_MAIN_LORA") or None,
             dtype=DTYPES[dtype_name],
+            offload=offload,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from PIL import Image
 from engine.config import Settings
 from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
 from engine.inputs import LoraRequest, Mode, Request
+from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
@@ -26,6 +28,7 @@ from safety import SafetyChecker
 from weights import LoraCache, fetch_lora, redact
 
 log = logging.getLogger(__name__)
+OFFLOADED = "the models are offloaded to CPU memory (FLUX_OFFLOAD), which leaves no GPU room for fp8 copies"
 
 
 @contextmanager
@@ -50,10 +53,13 @@ class Engine:
         fast = FastSettings.from_env()
         self.fast_unavailable = fast_path_unavailable(fast, self.device, settings.dtype)
         configure_compile_cache(fast)
+        self.offload = Offload(self.device, enabled=settings.offload == "on")
+        if self.offload.enabled:
+            self.fast_unavailable = OFFLOADED
         with timed(
             "loading FLUX.1 dev and schnell" + ("" if self.fast_unavailable else " (+ go_fast copies)"), self.device
         ):
-            self.models: dict[str, FluxModel] = load_models(settings, None if self.fast_unavailable else fast)
+            self.models: dict[str, FluxModel] = self._load_models(fast)
         if self.fast_unavailable:
             log.info("go_fast: %s, so go_fast requests run the standard path.", self.fast_unavailable)
         elif fast.compile:
@@ -71,6 +77,24 @@ class Engine:
         self.lora_cache = LoraCache.from_env()
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
         self._explained_go_fast = False
+
+    def _load_models(self, fast: FastSettings) -> dict[str, FluxModel]:
+        if self.offload.enabled:
+            return load_models(self.settings, home=HOME)
+        try:
+            return load_models(self.settings, None if self.fast_unavailable else fast)
+        except torch.cuda.OutOfMemoryError:
+            if self.settings.offload == "off":
+                raise
+        gc.collect()  # what the failed load had placed on the GPU
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning(
+            "FLUX.1 dev does not fit on this GPU: the models stay in CPU memory and each step of a request "
+            "moves what it runs onto the GPU, which adds seconds to every request (FLUX_OFFLOAD=off refuses)."
+        )
+        self.offload.enabled, self.fast_unavailable = True, OFFLOADED
+        return load_models(self.settings, home=HOME)
 
     def _warm_up_fast_path(self) -> None:
         for model in self.models.values():
@@ -103,7 +127,8 @@ class Engine:
         with timed("loading LoRAs", self.device):
             self._apply_loras(request, fast)
 
-        with timed("text encoding", self.device):
+        text_encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
+        with timed("text encoding", self.device), self.offload.running(**text_encoders):
             # One prompt embedding per image, so the batched call draws the same noise as
             # diffusers' own `num_images_per_prompt`.
             prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
@@ -114,7 +139,8 @@ class Engine:
                 max_sequence_length=model.max_sequence_length,
             )
 
-        with timed("denoising", self.device):
+        # The VAE encodes img2img and inpainting inputs inside the call.
+        with timed("denoising", self.device), self.offload.running(transformer=pipeline.transformer, vae=pipeline.vae):
             latents = pipeline(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -129,7 +155,7 @@ class Engine:
                 **_image_inputs(request),
             ).images
 
-        with timed("decoding", self.device):
+        with timed("decoding", self.device), self.offload.running(vae=pipeline.vae):
             images = decode_latents(pipeline, latents, request.width, request.height)
 
         if request.disable_safety_checker:

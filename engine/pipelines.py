@@ -66,10 +66,13 @@ def _for_all_modes(pipeline: FluxPipeline) -> dict[Mode, DiffusionPipeline]:
     }
 
 
-def load_models(settings: Settings, fast: FastSettings | None = None) -> dict[str, FluxModel]:
-    """dev and schnell; with `fast`, each also gets its go_fast pipelines where memory allows."""
+def load_models(
+    settings: Settings, fast: FastSettings | None = None, home: torch.device | None = None
+) -> dict[str, FluxModel]:
+    """dev and schnell; with `fast`, each also gets its go_fast pipelines where memory allows.
+    `home` is where the weights live when it is not the device (CPU memory, when offloading)."""
     # device_map loads each weight straight onto the device instead of staging 24 GB in RAM.
-    place = {"dtype": settings.dtype, "device_map": str(settings.device)}
+    place = {"dtype": settings.dtype, "device_map": str(home or settings.device)}
     dev = FluxPipeline.from_pretrained(settings.dev_weights, **place)
     schnell_resident = True
     try:

@@ -320,3 +320,78 @@ def test_dtype_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("FLUX_DTYPE", "float16")
     with pytest.raises(ValueError, match=r"^FLUX_DTYPE='float16' is not supported: use one of bfloat16, float32\.$"):
         Settings.from_env()
+
+
+# GPUs too small for dev: offloading
+
+
+def test_offload_moves_a_phase_in_and_back_home_even_when_it_fails() -> None:
+    from engine.offload import Offload
+
+    moves: list[tuple[str, str]] = []
+
+    class Recorded(torch.nn.Module):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def to(self, device: Any) -> Recorded:  # type: ignore[override]
+            moves.append((self.name, str(device)))
+            return self
+
+    offload = Offload(torch.device("cuda"), enabled=True)
+    with offload.running(transformer=Recorded("transformer"), vae=Recorded("vae"), image_encoder=None):
+        assert moves == [("transformer", "cuda"), ("vae", "cuda")]
+    assert moves[2:] == [("transformer", "cpu"), ("vae", "cpu")]
+    with pytest.raises(RuntimeError), offload.running(text_encoder=Recorded("text_encoder")):
+        raise RuntimeError("the phase failed")
+    assert moves[4:] == [("text_encoder", "cuda"), ("text_encoder", "cpu")]
+    with Offload(torch.device("cuda"), enabled=False).running(vae=Recorded("vae")):
+        pass
+    assert len(moves) == 6
+
+
+def test_when_dev_does_not_fit_the_models_stay_home_and_each_phase_visits_the_gpu(
+    demo_models: Any, predictor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import engine.pipelines
+
+    original = engine.pipelines.FluxPipeline.from_pretrained
+    attempts: list[dict[str, Any]] = []
+
+    def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(kwargs)
+        if len(attempts) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.pipelines.FluxPipeline, "from_pretrained", out_of_memory_once)
+    with caplog.at_level(logging.INFO):
+        small = make_predictor(predictor_env(demo_models, tmp_path / "cache"))
+    monkeypatch.undo()
+    assert "FLUX.1 dev does not fit on this GPU: the models stay in CPU memory" in caplog.text
+    assert small.engine.offload.enabled and attempts[1]["device_map"] == "cpu"
+    assert "go_fast: the models are offloaded to CPU memory (FLUX_OFFLOAD)" in caplog.text
+    Image.new("RGB", (320, 200), (40, 90, 200)).save(tmp_path / "in.png")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        image_to_image = fast(small, prompt="a cat", image=tmp_path / "in.png")
+    moved = [line.split(" onto ")[0] for line in caplog.messages if line.startswith("Offload: ")]
+    assert moved == ["Offload: text_encoder, text_encoder_2", "Offload: transformer, vae", "Offload: vae"]
+    assert image_to_image == fast(predictor, prompt="a cat", image=tmp_path / "in.png")
+    assert fast(small, prompt="a cat", model="schnell", go_fast=True) == fast(
+        predictor, prompt="a cat", model="schnell"
+    )
+
+
+def test_offload_off_lets_a_gpu_that_is_too_small_fail_setup(
+    demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.pipelines
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.pipelines.FluxPipeline, "from_pretrained", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        make_predictor(predictor_env(demo_models, tmp_path / "cache", FLUX_OFFLOAD="off"))
