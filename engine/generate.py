@@ -67,7 +67,11 @@ class Engine:
                 self._warm_up_fast_path()
         with timed("loading the safety checker", self.device):
             self.safety = SafetyChecker(
-                settings.safety_checker_weights, settings.nsfw_classifier_weights, self.device, settings.dtype
+                settings.safety_checker_weights,
+                settings.nsfw_classifier_weights,
+                self.device,
+                settings.dtype,
+                home=HOME if self.offload.enabled else None,
             )
         self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
         for name, model in self.models.items():
@@ -161,7 +165,7 @@ class Engine:
         if request.disable_safety_checker:
             log.info("Safety checker disabled by the request.")
         else:
-            with timed("safety check", self.device):
+            with timed("safety check", self.device), self.offload.running(**self.safety.modules):
                 images = self.safety.filter(images)
 
         with timed("encoding files", self.device):

@@ -1,8 +1,8 @@
 """GPUs too small for FLUX.1 dev with its text encoders (about 32 GiB in bf16, so 24 GB and
 32 GB cards): the models stay in CPU memory, and each phase of a request moves the modules
-it runs onto the GPU and back when it ends. At most the transformer (22 GiB) is on the GPU
-at once. It costs a few seconds of transfers a request, but the server runs instead of
-failing at setup.
+it runs onto the GPU and back when it ends (the safety models too). At most the
+transformer (22 GiB) is on the GPU at once. It costs a few seconds of transfers a request,
+but the server runs instead of failing at setup.
 
 This is what diffusers' model CPU offload does, but by phase rather than with its hooks:
 the hooks chain one pipeline's modules, and here six pipelines (two models, three modes)

@@ -23,22 +23,34 @@ class UnsafeOutputError(RuntimeError):
 
 
 class SafetyChecker:
-    def __init__(self, checker_weights: str, classifier_weights: str, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        checker_weights: str,
+        classifier_weights: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        home: torch.device | None = None,
+    ):
+        """`home`: where the models wait between checks when it is not `device` (offloading)."""
         self.device = device
         self.dtype = dtype
         self.checker_processor = AutoImageProcessor.from_pretrained(checker_weights)
         self.checker = StableDiffusionSafetyChecker.from_pretrained(
-            checker_weights, dtype=dtype, device_map=str(device)
+            checker_weights, dtype=dtype, device_map=str(home or device)
         )
         self.classifier_processor = AutoImageProcessor.from_pretrained(classifier_weights)
         self.classifier = ViTForImageClassification.from_pretrained(
-            classifier_weights, dtype=dtype, device_map=str(device)
+            classifier_weights, dtype=dtype, device_map=str(home or device)
         )
         self.checker.eval()
         self.classifier.eval()
         self.nsfw_label = next(
             index for index, label in self.classifier.config.id2label.items() if label.lower() == "nsfw"
         )
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"safety_checker": self.checker, "nsfw_classifier": self.classifier}
 
     @torch.inference_mode()
     def flag_unsafe(self, images: list[Image.Image]) -> list[bool]:
