@@ -307,7 +307,7 @@ def test_a_gpu_too_small_for_both_transformers_swaps_them(
     assert dev == fast(predictor, prompt="a cat")
 
 
-def test_dtype_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dtype_and_offload_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.config import Settings
 
     monkeypatch.setenv("FLUX_DEVICE", "cpu")
@@ -319,6 +319,11 @@ def test_dtype_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) ->
     assert Settings.from_env().dtype == torch.float32
     monkeypatch.setenv("FLUX_DTYPE", "float16")
     with pytest.raises(ValueError, match=r"^FLUX_DTYPE='float16' is not supported: use one of bfloat16, float32\.$"):
+        Settings.from_env()
+    monkeypatch.setenv("FLUX_DTYPE", "bfloat16")
+    assert Settings.from_env().offload == "auto"
+    monkeypatch.setenv("FLUX_OFFLOAD", "sometimes")
+    with pytest.raises(ValueError, match=r"^FLUX_OFFLOAD='sometimes' is not supported: use one of auto, on, off\.$"):
         Settings.from_env()
 
 
