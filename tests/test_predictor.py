@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -274,23 +275,35 @@ def test_a_failed_request_leaves_the_next_one_unchanged(predictor: Any, tmp_path
     assert fast(predictor, prompt="a cat") == reference
 
 
+def out_of_memory_once(
+    load: Any, attempts: list[dict[str, Any]], counted: Callable[[dict[str, Any]], bool] = lambda kwargs: True
+) -> Any:
+    """`load`, except that the first counted call raises CUDA's out-of-memory error; each
+    counted call's keyword arguments go into `attempts`."""
+
+    def loading(*args: Any, **kwargs: Any) -> Any:
+        if counted(kwargs):
+            attempts.append(kwargs)
+            if len(attempts) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return load(*args, **kwargs)
+
+    return loading
+
+
 def test_a_gpu_too_small_for_both_transformers_swaps_them(
     demo_models: Any, predictor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import engine.pipelines
 
-    original = engine.pipelines.FluxTransformer2DModel.from_pretrained
-    attempts = []
-
-    def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("subfolder") != "transformer":  # the dev pipeline's own loading
-            return original(*args, **kwargs)
-        attempts.append(kwargs)
-        if len(attempts) == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(engine.pipelines.FluxTransformer2DModel, "from_pretrained", out_of_memory_once)
+    attempts: list[dict[str, Any]] = []
+    # The schnell transformer's first load fails; the dev pipeline's own loading is not counted.
+    load = out_of_memory_once(
+        engine.pipelines.FluxTransformer2DModel.from_pretrained,
+        attempts,
+        lambda kwargs: kwargs.get("subfolder") == "transformer",
+    )
+    monkeypatch.setattr(engine.pipelines.FluxTransformer2DModel, "from_pretrained", load)
     with caplog.at_level(logging.INFO):
         small = make_predictor(predictor_env(demo_models, tmp_path / "cache"))
     monkeypatch.undo()
@@ -361,16 +374,9 @@ def test_when_dev_does_not_fit_the_models_stay_home_and_each_phase_visits_the_gp
 ) -> None:
     import engine.pipelines
 
-    original = engine.pipelines.FluxPipeline.from_pretrained
     attempts: list[dict[str, Any]] = []
-
-    def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
-        attempts.append(kwargs)
-        if len(attempts) == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(engine.pipelines.FluxPipeline, "from_pretrained", out_of_memory_once)
+    load = out_of_memory_once(engine.pipelines.FluxPipeline.from_pretrained, attempts)
+    monkeypatch.setattr(engine.pipelines.FluxPipeline, "from_pretrained", load)
     with caplog.at_level(logging.INFO):
         small = make_predictor(predictor_env(demo_models, tmp_path / "cache"))
     monkeypatch.undo()
