@@ -30,10 +30,10 @@ class Offload:
     @contextmanager
     def running(self, **modules: torch.nn.Module | None) -> Iterator[None]:
         """The named modules on the GPU for the duration; back home even when the phase fails."""
-        present = {name: module for name, module in modules.items() if module is not None}
         if not self.enabled:
             yield
             return
+        present = {name: module for name, module in modules.items() if module is not None}
         start = time.perf_counter()
         try:
             for module in present.values():

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -63,6 +65,20 @@ def data_uri(data: bytes | Path) -> str:
     """A base64 data: URI of the bytes, or of the file at a path."""
     raw = Path(data).read_bytes() if isinstance(data, Path) else data
     return "data:application/octet-stream;base64," + base64.b64encode(raw).decode()
+
+
+def lora_effect_mismatch(
+    pixels: Callable[..., np.ndarray], lora: str, multipliers: Iterable[float]
+) -> dict[float, float]:
+    """For each multiplier of go_fast's lora_scale: how far go_fast's LoRA effect is from the
+    standard path's at scale 0.5, as mean |difference| / mean |standard effect|."""
+    standard_effect = pixels(replicate_weights=lora, lora_scale=0.5) - pixels()
+    base = pixels(go_fast=True)
+    mismatch = {}
+    for multiplier in multipliers:
+        fast_effect = pixels(go_fast=True, replicate_weights=lora, lora_scale=0.5 * multiplier) - base
+        mismatch[multiplier] = float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
+    return mismatch
 
 
 def image_of(data: bytes) -> Image.Image:

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
 from engine.inputs import InputError
 from lora_loading.slots import SLOT, slot_rank
-from tests.conftest import data_uri, fast, image_of, make_predictor, predictor_env
+from tests.conftest import data_uri, fast, image_of, lora_effect_mismatch, make_predictor, predictor_env
 from tests.lora_factory import make_peft_lora
 
 FAST_ENV = {"FLUX_FAST_QUANTIZATION": "int8-weight-only", "FLUX_COMPILE_BACKEND": "eager", "FLUX_FAST_LORA_RANK": "8"}
@@ -262,15 +262,8 @@ def test_the_lora_scale_needs_no_go_fast_multiplier(fast_predictor: Any, loras: 
     def pixels(**inputs: Any) -> np.ndarray:
         return np.asarray(image_of(png(fast_predictor, **inputs)), dtype=np.float32)
 
-    style = data_uri(loras["style"])
-    standard_effect = pixels(replicate_weights=style, lora_scale=0.5) - pixels()
-    base = pixels(go_fast=True)
-
-    def mismatch(multiplier: float) -> float:
-        fast_effect = pixels(go_fast=True, replicate_weights=style, lora_scale=0.5 * multiplier) - base
-        return float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
-
-    same_scale, multiplied = mismatch(1.0), mismatch(1.5)
+    off_by = lora_effect_mismatch(pixels, data_uri(loras["style"]), (1.0, 1.5))
+    same_scale, multiplied = off_by[1.0], off_by[1.5]
     assert same_scale < 0.1
     assert multiplied > 3 * same_scale
 
@@ -350,15 +343,8 @@ def test_fp8_is_close_to_bf16_and_takes_the_lora_at_the_same_scale(fp8_predictor
 
     standard, quick = pixels(), pixels(go_fast=True)
     assert np.abs(quick - standard).mean() < 0.25 * np.abs(pixels(seed=8) - standard).mean()
-    style = data_uri(loras["style"])
-    standard_effect = pixels(replicate_weights=style, lora_scale=0.5) - standard
-
-    def mismatch(multiplier: float) -> float:
-        fast_effect = pixels(go_fast=True, replicate_weights=style, lora_scale=0.5 * multiplier) - quick
-        return float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
-
     # Measured (tiny model, two LoRAs, two seeds, scales 0.5 and 1): x1.0 was the best
     # multiplier every time, 8-16% off (fp8's own noise), against 26-49% for x1.5.
-    off_by = {multiplier: mismatch(multiplier) for multiplier in (0.9, 1.0, 1.1, 1.5)}
+    off_by = lora_effect_mismatch(pixels, data_uri(loras["style"]), (0.9, 1.0, 1.1, 1.5))
     assert min(off_by, key=off_by.__getitem__) == 1.0
     assert off_by[1.5] > 2 * off_by[1.0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, data_uri, image_of, predictor_env
+from tests.conftest import FAST, data_uri, image_of, lora_effect_mismatch, predictor_env
 from tests.lora_factory import make_peft_lora
 
 pytestmark = pytest.mark.skipif(
@@ -100,12 +100,6 @@ def test_fp8_is_close_to_bf16_and_takes_the_lora_at_the_same_scale(engine: Any, 
 
     standard, quick = pixels(), pixels(go_fast=True)
     assert np.abs(quick - standard).mean() < 0.25 * np.abs(pixels(seed=8) - standard).mean()
-    standard_effect = pixels(replicate_weights=loras["style"], lora_scale=0.5) - standard
-
-    def mismatch(multiplier: float) -> float:
-        fast_effect = pixels(go_fast=True, replicate_weights=loras["style"], lora_scale=0.5 * multiplier) - quick
-        return float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
-
-    off_by = {multiplier: mismatch(multiplier) for multiplier in (0.9, 1.0, 1.1, 1.5)}
+    off_by = lora_effect_mismatch(pixels, loras["style"], (0.9, 1.0, 1.1, 1.5))
     print("fp8 LoRA effect against bf16, by multiplier:", {m: f"{v:.1%}" for m, v in off_by.items()})
     assert min(off_by, key=off_by.__getitem__) == 1.0
