@@ -42,7 +42,7 @@ import requests
 from huggingface_hub import constants
 from urllib3.exceptions import ReadTimeoutError
 
-from engine.inputs import InputError
+from errors import LoraSourceError
 from lora_loading.archives import ArchiveProblem, extract_member, short_listing, write_bounded
 from lora_loading.safetensors_check import NOT_A_SAFETENSORS_FILE, safetensors_problem
 
@@ -76,10 +76,6 @@ _HUBS = {"replicate.com": "replicate", "civitai.com": "civitai"} | dict.fromkeys
 )
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 _T = TypeVar("_T")
-
-
-class LoraSourceError(InputError):
-    """A LoRA reference that cannot be fetched; the message names the input."""
 
 
 @dataclass(frozen=True)

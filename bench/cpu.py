@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.cli import default_inputs  # noqa: E402
-from engine.demo_model import build_demo_models, demo_model_env  # noqa: E402
+from tooling.cli import default_inputs  # noqa: E402
+from tooling.demo_model import build_demo_models, demo_model_env  # noqa: E402
 
 PROMPT = "a photo of a cat"
 SEED = 42

@@ -140,7 +140,7 @@ class Bench:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from engine.demo_model import build_clip_tokenizer, build_t5_tokenizer
+        from tooling.demo_model import build_clip_tokenizer, build_t5_tokenizer
 
         sizes = self.sizes
         clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
 
-    from engine.demo_model import build_demo_models, demo_model_env
+    from tooling.demo_model import build_demo_models, demo_model_env
 
     folder = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     os.environ.update({**demo_model_env(build_demo_models(folder / "models")), "FLUX_DEVICE": "cpu"})

@@ -77,10 +77,10 @@ class Soak:
         (folder / "tmp").mkdir()
         tempfile.tempdir = str(folder / "tmp")
 
-        from engine.demo_model import build_demo_models, demo_model_env
         from engine.logs import configure_logging
         from tests.fake_hosts import start_fake_host
         from tests.lora_factory import make_peft_lora
+        from tooling.demo_model import build_demo_models, demo_model_env
 
         self.folder = folder
         models = build_demo_models(folder / "models")
@@ -123,8 +123,8 @@ class Soak:
         configure_logging(logging.WARNING)  # keep step lines out of the bench's output
 
     def run(self, request: dict[str, Any]) -> list[bytes] | None:
-        from engine.cli import default_inputs
-        from engine.inputs import InputError
+        from errors import InputError
+        from tooling.cli import default_inputs
 
         try:
             outputs = self.predictor.predict(**{**default_inputs(self.predictor.predict), **request})

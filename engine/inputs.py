@@ -8,39 +8,26 @@ Nothing here touches the models, so a rejected request changes no state.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image, ImageOps
 
 from engine.sizes import (
-    ASPECT_RATIOS,
-    MEGAPIXELS,
     custom_size,
     size_following_image,
     text_to_image_size,
 )
+from errors import InputError
 
-MODELS = ["dev", "schnell"]
-OUTPUT_FORMATS = ["webp", "jpg", "png"]
-# Bounds of the public contract; predict.py builds its schema from these same names.
-SIDE_RANGE = (256, 1440)
-PROMPT_STRENGTH_RANGE = (0.0, 1.0)
-NUM_OUTPUTS_RANGE = (1, 4)
-NUM_INFERENCE_STEPS_RANGE = (1, 50)
-GUIDANCE_SCALE_RANGE = (0.0, 10.0)
-OUTPUT_QUALITY_RANGE = (0, 100)
-LORA_SCALE_RANGE = (-1.0, 3.0)
-SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts as unsigned
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts as unsigned; the contract sets no bound
 # Inputs are resized to at most 1440 px anyway; beyond this a file is a decompression bomb.
 MAX_INPUT_PIXELS = 50_000_000
-
-
-class InputError(ValueError):
-    """A request input that cannot be served; the message is meant for the caller."""
 
 
 class Mode(StrEnum):
@@ -77,6 +64,27 @@ class Request:
     loras: tuple[LoraRequest, ...]
 
 
+class InputSpec(Protocol):
+    """What the engine reads of an input's declaration: cog's `Input(...)` (FieldInfo)."""
+
+    default: Any
+    ge: int | float | None
+    le: int | float | None
+    choices: list[str | int] | None
+
+
+def input_contract(predict: Callable[..., Any], declarations: type) -> dict[str, InputSpec]:
+    """The `Input(...)` declaration of each of predict()'s parameters, by name: the one copy of
+    the contract's bounds, choices and defaults, which cog's schema is built from too.
+
+    predict.py declares parameter `x` as `x: T = Inputs.x`, so the declarations are read
+    from that class: cog's server replaces the signature's defaults with plain values
+    before setup() runs, so the signature itself no longer holds them.
+    """
+    names = [name for name in inspect.signature(predict).parameters if name != "self"]
+    return {name: getattr(declarations, name) for name in names}
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -98,6 +106,14 @@ def _integer(name: str, value: Any, low: int, high: int, *, optional: bool = Fal
     return value
 
 
+def _bounded_integer(contract: Mapping[str, InputSpec], name: str, value: Any, *, optional: bool = False) -> int | None:
+    return _integer(name, value, int(contract[name].ge), int(contract[name].le), optional=optional)  # type: ignore[arg-type]
+
+
+def _bounded_number(contract: Mapping[str, InputSpec], name: str, value: Any) -> float:
+    return _number(name, value, float(contract[name].ge), float(contract[name].le))  # type: ignore[arg-type]
+
+
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if (
         isinstance(value, bool)
@@ -109,7 +125,8 @@ def _number(name: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
-def _choice(name: str, value: Any, choices: list[str]) -> str:
+def _choice(contract: Mapping[str, InputSpec], name: str, value: Any) -> str:
+    choices = [str(choice) for choice in contract[name].choices or ()]
     if value not in choices or not isinstance(value, str):
         raise _fail(name, value, "expected one of " + ", ".join(choices))
     return value
@@ -158,47 +175,35 @@ def _read_image(name: str, value: Any, mode: str) -> Image.Image | None:
 
 
 def parse_request(
-    *,
-    prompt: Any,
-    image: Any = None,
-    mask: Any = None,
-    aspect_ratio: Any = "1:1",
-    height: Any = None,
-    width: Any = None,
-    prompt_strength: Any = 0.8,
-    model: Any = "dev",
-    num_outputs: Any = 1,
-    num_inference_steps: Any = 28,
-    guidance_scale: Any = 3.0,
-    seed: Any = None,
-    output_format: Any = "webp",
-    output_quality: Any = 80,
-    disable_safety_checker: Any = False,
-    go_fast: Any = False,
-    megapixels: Any = "1",
-    replicate_weights: Any = None,
-    lora_scale: Any = 1.0,
-    extra_lora: Any = None,
-    extra_lora_scale: Any = 1.0,
-    main_lora_input: str = "replicate_weights",
+    contract: Mapping[str, InputSpec], *, main_lora_input: str = "replicate_weights", **values: Any
 ) -> Request:
     """Check every input and resolve the mode and output size.
 
+    `contract` holds the predictor's `Input` declarations (`input_contract`): their bounds
+    and choices are checked here, and their defaults fill the inputs a caller left out.
     `main_lora_input` names where the main LoRA came from (the request's
     `replicate_weights`, or the deployment's FLUX_MAIN_LORA) so errors point at it.
     """
+    unknown = sorted(set(values) - set(contract) - {"replicate_weights"})
+    if unknown:
+        raise InputError(f"Unknown input {unknown[0]!r}: the accepted inputs are {', '.join(contract)}.")
+    # An input left out, or called in-process without cog filling it in (the parameter's
+    # default is then the Input declaration itself), takes the declared default.
+    values = {name: spec.default for name, spec in contract.items()} | {
+        name: value for name, value in values.items() if value is not contract.get(name)
+    }
+    prompt = values["prompt"]
     if not isinstance(prompt, str):
         raise _fail("prompt", prompt, "expected a string")
-    aspect_ratio = _choice("aspect_ratio", aspect_ratio, ASPECT_RATIOS)
-    megapixels = _choice("megapixels", megapixels, MEGAPIXELS)
-    low, high = SIDE_RANGE
-    width = _integer("width", width, low, high, optional=True)
-    height = _integer("height", height, low, high, optional=True)
-    num_inference_steps = _integer("num_inference_steps", num_inference_steps, *NUM_INFERENCE_STEPS_RANGE)
-    prompt_strength = _number("prompt_strength", prompt_strength, *PROMPT_STRENGTH_RANGE)
+    aspect_ratio = _choice(contract, "aspect_ratio", values["aspect_ratio"])
+    megapixels = _choice(contract, "megapixels", values["megapixels"])
+    width = _bounded_integer(contract, "width", values["width"], optional=True)
+    height = _bounded_integer(contract, "height", values["height"], optional=True)
+    num_inference_steps = _bounded_integer(contract, "num_inference_steps", values["num_inference_steps"])
+    prompt_strength = _bounded_number(contract, "prompt_strength", values["prompt_strength"])
 
-    image = _read_image("image", image, "RGB")
-    mask = _read_image("mask", mask, "L")
+    image = _read_image("image", values["image"], "RGB")
+    mask = _read_image("mask", values["mask"], "L")
     if mask is not None and image is None:
         raise InputError("Invalid mask: a mask was given without an image; inpainting needs both image and mask.")
 
@@ -220,7 +225,7 @@ def parse_request(
             if value is None:
                 raise InputError(
                     f"Invalid {name} None: aspect_ratio is custom, so width and height are "
-                    f"required, each an integer from {low} to {high}."
+                    f"required, each an integer from {contract[name].ge} to {contract[name].le}."
                 )
         mode = Mode.TEXT_TO_IMAGE
         out_width, out_height = custom_size(width, height)  # type: ignore[arg-type]
@@ -228,10 +233,10 @@ def parse_request(
         mode = Mode.TEXT_TO_IMAGE
         out_width, out_height = text_to_image_size(aspect_ratio, megapixels)
 
-    main_source = _optional_text(main_lora_input, replicate_weights)
-    extra_source = _optional_text("extra_lora", extra_lora)
-    main_scale = _number("lora_scale", lora_scale, *LORA_SCALE_RANGE)
-    extra_scale = _number("extra_lora_scale", extra_lora_scale, *LORA_SCALE_RANGE)
+    main_source = _optional_text(main_lora_input, values.get("replicate_weights"))
+    extra_source = _optional_text("extra_lora", values["extra_lora"])
+    main_scale = _bounded_number(contract, "lora_scale", values["lora_scale"])
+    extra_scale = _bounded_number(contract, "extra_lora_scale", values["extra_lora_scale"])
     loras = []
     if main_source is not None:
         loras.append(LoraRequest(main_lora_input, main_source, main_scale))
@@ -246,14 +251,14 @@ def parse_request(
         image=image,
         mask=mask,
         prompt_strength=prompt_strength,
-        model=_choice("model", model, MODELS),
-        num_outputs=_integer("num_outputs", num_outputs, *NUM_OUTPUTS_RANGE),  # type: ignore[arg-type]
+        model=_choice(contract, "model", values["model"]),
+        num_outputs=_bounded_integer(contract, "num_outputs", values["num_outputs"]),  # type: ignore[arg-type]
         num_inference_steps=num_inference_steps,  # type: ignore[arg-type]
-        guidance_scale=_number("guidance_scale", guidance_scale, *GUIDANCE_SCALE_RANGE),
-        seed=_integer("seed", seed, *SEED_RANGE, optional=True),
-        output_format=_choice("output_format", output_format, OUTPUT_FORMATS),
-        output_quality=_integer("output_quality", output_quality, *OUTPUT_QUALITY_RANGE),  # type: ignore[arg-type]
-        disable_safety_checker=_boolean("disable_safety_checker", disable_safety_checker),
-        go_fast=_boolean("go_fast", go_fast),
+        guidance_scale=_bounded_number(contract, "guidance_scale", values["guidance_scale"]),
+        seed=_integer("seed", values["seed"], *SEED_RANGE, optional=True),
+        output_format=_choice(contract, "output_format", values["output_format"]),
+        output_quality=_bounded_integer(contract, "output_quality", values["output_quality"]),  # type: ignore[arg-type]
+        disable_safety_checker=_boolean("disable_safety_checker", values["disable_safety_checker"]),
+        go_fast=_boolean("go_fast", values["go_fast"]),
         loras=tuple(loras),
     )

@@ -6,7 +6,8 @@ multiple of 16.
 
 from __future__ import annotations
 
-# The 1-megapixel size of each aspect ratio, as the published FLUX predictors use them.
+# The 1-megapixel size of each aspect ratio, as the published FLUX predictors use them; predict.py's
+# aspect_ratio choices are these and "custom" (tests/test_sizes.py holds the two together).
 ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "16:9": (1344, 768),
@@ -20,8 +21,6 @@ ASPECT_RATIO_SIZES: dict[str, tuple[int, int]] = {
     "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
-ASPECT_RATIOS = [*ASPECT_RATIO_SIZES, "custom"]
-MEGAPIXELS = ["1", "0.25"]
 SIDE_MULTIPLE = 16
 MAX_IMAGE_SIDE = 1440
 

@@ -1,4 +1,4 @@
 from lora_loading.adapters import LoraAdapters
-from lora_loading.formats import LoraFile, LoraFormatError
+from lora_loading.formats import LoraFile
 
-__all__ = ["LoraAdapters", "LoraFile", "LoraFormatError"]
+__all__ = ["LoraAdapters", "LoraFile"]

@@ -21,15 +21,11 @@ import safetensors.torch
 import torch
 from diffusers import FluxPipeline
 
-from engine.inputs import InputError
+from errors import LoraFormatError
 
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-class LoraFormatError(InputError):
-    """The file is not a LoRA this FLUX model can take; the message is meant for the caller."""
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,3 @@
-from safety.checker import SafetyChecker, UnsafeOutputError
+from safety.checker import SafetyChecker
 
-__all__ = ["SafetyChecker", "UnsafeOutputError"]
+__all__ = ["SafetyChecker"]

@@ -15,11 +15,9 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+from errors import UnsafeOutputError
+
 log = logging.getLogger(__name__)
-
-
-class UnsafeOutputError(RuntimeError):
-    """Every image of a prediction was judged NSFW."""
 
 
 class SafetyChecker:

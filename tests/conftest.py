@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import default_inputs
-from engine.demo_model import DemoModelPaths, build_demo_models, demo_model_env
+from tooling.cli import default_inputs
+from tooling.demo_model import DemoModelPaths, build_demo_models, demo_model_env
 
 # Small and quick on 2 CPU cores; tests that are about sizes override these.
 FAST = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 7}

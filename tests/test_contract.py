@@ -29,7 +29,7 @@ import pytest
 from cog import _adt as adt
 from cog import _inspector
 
-from engine.openapi import openapi_schema
+from tooling.openapi import openapi_schema
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "reference"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.demo_model import (
+from tooling.demo_model import (
     MARKER_NAME,
     DemoModelPaths,
     build_demo_models,

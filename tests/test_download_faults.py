@@ -35,11 +35,11 @@ import pytest
 import safetensors.torch
 
 import weights
-from engine.inputs import InputError
+from errors import InputError, LoraSourceError
 from lora_loading import archives
 from tests.conftest import data_uri, fast
 from tests.fake_hosts import RESET, FakeHost, Route, start_fake_host
-from weights import LoraCache, LoraSourceError, fetch_lora, parse_source
+from weights import LoraCache, fetch_lora, parse_source
 
 SECRET = "s3cr3t"  # in signed URLs' queries
 TOKEN = "tok-s3cr3t"  # HF_TOKEN, CIVITAI_API_TOKEN and REPLICATE_API_TOKEN

@@ -17,7 +17,7 @@ from diffusers import FluxTransformer2DModel
 from torch._dynamo.utils import counters
 
 from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
-from engine.inputs import InputError
+from errors import InputError
 from lora_loading.slots import SLOT, slot_rank
 from tests.conftest import data_uri, fast, image_of, lora_effect_mismatch, make_predictor, predictor_env
 from tests.lora_factory import make_peft_lora

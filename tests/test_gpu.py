@@ -37,9 +37,12 @@ def engine(demo_models: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def png(engine: Any, **inputs: Any) -> list[bytes]:
-    from engine.inputs import parse_request
+    from engine.inputs import input_contract, parse_request
+    from predict import Inputs, Predictor
 
-    request = parse_request(**{"prompt": "a cat", **FAST, "output_format": "png", **inputs})
+    request = parse_request(
+        input_contract(Predictor.predict, Inputs), **{"prompt": "a cat", **FAST, "output_format": "png", **inputs}
+    )
     return [path.read_bytes() for path in engine.predict(request)]
 
 

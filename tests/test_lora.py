@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from diffusers import FluxTransformer2DModel
 
-from engine.inputs import InputError
+from errors import InputError
 from tests.conftest import data_uri, fast, make_predictor, predictor_env
 from tests.fake_hosts import FakeHost, start_fake_host
 from tests.lora_factory import make_peft_lora

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from engine.inputs import InputError
+from errors import InputError
 from tests.conftest import data_uri, fast
 
 RANK = 4

@@ -1,4 +1,4 @@
-"""Tests for engine.openapi: the schema the coglet server needs.
+"""Tests for tooling.openapi: the schema the coglet server needs.
 
 The fixture predictors are written into tmp_path.  To check the real
 predictor later, point the helpers at it, e.g.::
@@ -25,13 +25,13 @@ from typing import Any
 
 import pytest
 
-from engine.openapi import (
+from tests.test_scripts import free_port, http
+from tooling.openapi import (
     openapi_schema,
     schema_json,
     title_case,
     write_openapi_schema,
 )
-from tests.test_scripts import free_port, http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,7 +320,7 @@ def test_cli_writes_default_path(tmp_path: Path) -> None:
     write_predictor(tmp_path, FLUX_LIKE)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run(
-        [sys.executable, "-m", "engine.openapi", "predict.py:Predictor"],
+        [sys.executable, "-m", "tooling.openapi", "predict.py:Predictor"],
         cwd=tmp_path,
         env=env,
         check=True,

@@ -16,8 +16,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from engine.inputs import InputError
-from safety import UnsafeOutputError
+from errors import InputError, UnsafeOutputError
 from tests.conftest import FAST, fast, image_of, make_predictor, predictor_env, run
 
 

@@ -238,7 +238,7 @@ FULL_CHECKS = [
 def as_cog_validates(served: dict[str, Any]) -> dict[str, Any]:
     """The served schema, with the request rules cog's validator (coglet 0.23) enforces and the
     schema `cog build` writes does not state; each is asserted missing first, so a change in
-    cog or engine/openapi.py shows up here:
+    cog or tooling/openapi.py shows up here:
     - a body is required (the schema leaves the requestBody optional; no body gets 422);
     - `input` is required (the schema leaves PredictionRequest.input optional; `{}` gets 422),
       and `"id": null` is taken as no id (the schema says a string);

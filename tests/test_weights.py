@@ -24,10 +24,11 @@ import safetensors.torch
 import torch
 
 import weights
+from errors import LoraSourceError
 from lora_loading import archives
 from tests.conftest import data_uri
 from tests.fake_hosts import FakeHost, start_fake_host
-from weights import LoraCache, LoraSourceError, Reference, fetch_lora, parse_source
+from weights import LoraCache, Reference, fetch_lora, parse_source
 
 HEX = "5f1cbe5ea1b9f8a7b8ab35c50ab6eb14e1a8b9e27e8e1b70e8f6e8a3b3c2d1e0"
 SECRET = "s3cr3t"

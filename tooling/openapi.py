@@ -589,7 +589,7 @@ def write_openapi_schema(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.openapi",
+        prog="python -m tooling.openapi",
         description="Write the OpenAPI schema the cog (coglet) server needs to "
         "validate inputs and serve /openapi.json.",
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.demo_model import demo_model_env, ensure_demo_models
+from tooling.demo_model import demo_model_env, ensure_demo_models
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL_FOLDER = REPO / ".cache" / "demo-model"
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     use_demo_model_if_needed()
     sys.path.insert(0, str(REPO))
     import predict as predict_module
-    from engine.inputs import InputError
-    from safety import UnsafeOutputError
+    from errors import InputError, UnsafeOutputError
 
     predictor = getattr(predict_module, args.predictor)()
     inputs = {**default_inputs(predictor.predict), **parse_inputs(predictor.predict, args.input)}

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.cli import REPO, use_demo_model_if_needed
-from engine.openapi import write_openapi_schema
+from tooling.cli import REPO, use_demo_model_if_needed
+from tooling.openapi import write_openapi_schema
 
 
 def main() -> None:
