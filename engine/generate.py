@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import cog
 import torch
 from PIL import Image
 
@@ -32,14 +33,23 @@ OFFLOADED = "the models are offloaded to CPU memory (FLUX_OFFLOAD), which leaves
 
 
 @contextmanager
-def timed(phase: str, device: torch.device) -> Iterator[None]:
-    """Log one line with the phase's wall time. CUDA runs asynchronously, so the clock is
-    read only after the GPU has finished the phase's work."""
+def timed(phase: str, device: torch.device, metric: str | None = None) -> Iterator[None]:
+    """Log one line with the phase's wall time and, inside a prediction, record it as the
+    cog metric `metric` (seconds), which the prediction response lists under `metrics`.
+    CUDA runs asynchronously, so the clock is read only after the GPU has finished."""
     start = time.perf_counter()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    log.info("Timing: %s took %.3f s.", phase, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log.info("Timing: %s took %.3f s.", phase, seconds)
+    if metric is not None:
+        record_metric(metric, round(seconds, 4))
+
+
+def record_metric(name: str, value: float) -> None:
+    """cog's metric API; outside a prediction (setup, script/predict) its scope ignores it."""
+    cog.current_scope().record_metric(name, value)  # type: ignore[attr-defined]
 
 
 def random_seed() -> int:
@@ -128,11 +138,11 @@ class Engine:
             seed,
         )
 
-        with timed("loading LoRAs", self.device):
+        with timed("loading LoRAs", self.device, "lora_load_time"):
             self._apply_loras(request, fast)
 
         text_encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
-        with timed("text encoding", self.device), self.offload.running(**text_encoders):
+        with timed("text encoding", self.device, "text_encoding_time"), self.offload.running(**text_encoders):
             # One prompt embedding per image, so the batched call draws the same noise as
             # diffusers' own `num_images_per_prompt`.
             prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
@@ -144,7 +154,8 @@ class Engine:
             )
 
         # The VAE encodes img2img and inpainting inputs inside the call.
-        with timed("denoising", self.device), self.offload.running(transformer=pipeline.transformer, vae=pipeline.vae):
+        denoising_modules = {"transformer": pipeline.transformer, "vae": pipeline.vae}
+        with timed("denoising", self.device, "denoising_time"), self.offload.running(**denoising_modules):
             latents = pipeline(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -159,17 +170,19 @@ class Engine:
                 **_image_inputs(request),
             ).images
 
-        with timed("decoding", self.device), self.offload.running(vae=pipeline.vae):
+        with timed("decoding", self.device, "decoding_time"), self.offload.running(vae=pipeline.vae):
             images = decode_latents(pipeline, latents, request.width, request.height)
 
         if request.disable_safety_checker:
             log.info("Safety checker disabled by the request.")
         else:
-            with timed("safety check", self.device), self.offload.running(**self.safety.modules):
+            with timed("safety check", self.device, "safety_check_time"), self.offload.running(**self.safety.modules):
                 images = self.safety.filter(images)
 
-        with timed("encoding files", self.device):
-            return save_images(images, self.output_folder, request.output_format, request.output_quality)
+        with timed("encoding files", self.device, "file_encoding_time"):
+            paths = save_images(images, self.output_folder, request.output_format, request.output_quality)
+        record_metric("image_output_count", len(paths))
+        return paths
 
     def make_resident(self, model: FluxModel) -> None:
         """On a GPU too small for both transformers, move the other one out and this one in."""

@@ -15,22 +15,26 @@ import signal
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from engine.cli import DEMO_MODEL_FOLDER
-from engine.demo_model import ensure_demo_models
+from tests.cog_static import MISSING, static_inputs
 from tests.fake_hosts import FakeHost, start_fake_host
 from tests.lora_factory import make_peft_lora
+from tooling.cli import DEMO_MODEL_FOLDER
+from tooling.demo_model import ensure_demo_models
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120
@@ -95,11 +99,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+def running_server(env: dict[str, str], log_path: Path, *arguments: str) -> Iterator[str]:
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(REPO / "script" / "server")],
+            [str(REPO / "script" / "server"), *arguments],
             env={**env, "PORT": str(port)},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -191,13 +195,73 @@ def trained_server(server: str, lora_file: Path, tmp_path_factory: pytest.TempPa
 # --- script/server ------------------------------------------------------------------------------
 
 
-def test_server_openapi_has_the_input_schema(server: str) -> None:
-    status, schema = http("GET", f"{server}/openapi.json")
-    assert status == 200
-    inputs = schema["components"]["schemas"]["Input"]
-    assert inputs["required"] == ["prompt"]
-    assert "replicate_weights" in inputs["properties"]
-    assert inputs["properties"]["num_outputs"]["maximum"] == 4
+def test_server_openapi_is_the_schema_cog_build_writes(server: str, trained_server: str) -> None:
+    """The schema script/server validates against holds, field for field, what cog's static
+    generator reads from predict.py (tests/cog_static.py): order, required, defaults,
+    bounds, choices and descriptions."""
+    source = (REPO / "predict.py").read_text(encoding="utf-8")
+    for base, class_name in ((server, "Predictor"), (trained_server, "TrainedLoraPredictor")):
+        status, schema = http("GET", f"{base}/openapi.json")
+        assert status == 200
+        components = schema["components"]["schemas"]
+        properties = components["Input"]["properties"]
+        fields = static_inputs(source, class_name)
+        # cog's server re-serialises the document with sorted keys: the order is x-order's.
+        assert sorted(properties, key=lambda name: properties[name]["x-order"]) == [field.name for field in fields]
+        assert components["Input"]["required"] == [field.name for field in fields if field.default is MISSING]
+        for field in fields:
+            served = properties[field.name]
+            assert served["x-order"] == field.order, field.name
+            assert served.get("description") == field.description, field.name
+            assert (served.get("minimum"), served.get("maximum")) == (field.ge, field.le), field.name
+            assert served.get("default", MISSING) == field.default, field.name
+            if field.choices is not None:
+                assert served["allOf"] == [{"$ref": f"#/components/schemas/{field.name}"}], field.name
+                assert components[field.name]["enum"] == field.choices, field.name
+        assert ("replicate_weights" in properties) == (class_name == "Predictor")
+
+
+class UploadTarget:
+    """A local stand-in for the storage `--upload-url` names: keeps each PUT body by path."""
+
+    def __init__(self) -> None:
+        received: dict[str, bytes] = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802 - the name http.server calls
+                received[self.path] = self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.received = received
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/uploads/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_server_forwards_its_arguments_uploads_outputs_and_reports_metrics(demo_weights: Path, tmp_path: Path) -> None:
+    """`script/server --upload-url URL`: cog PUTs each output there and answers with its URL."""
+    target = UploadTarget()
+    try:
+        env = script_env(tmp_path / "lora-cache")
+        with running_server(env, tmp_path / "server.log", "--upload-url", target.url) as base:
+            body = predict_when_free(base, {**GOOD_INPUT, "num_outputs": 2})
+    finally:
+        target.server.shutdown()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 2 and all(url.startswith(target.url) for url in body["output"]), body["output"]
+    assert len(target.received) == 2
+    for url in body["output"]:
+        uploaded = target.received[urllib.parse.urlsplit(url).path]
+        assert size_of(uploaded) == (256, 256) and uploaded.startswith(b"\x89PNG")
+    metrics = body["metrics"]
+    assert metrics["image_output_count"] == 2
+    for phase in ("text_encoding_time", "denoising_time", "decoding_time", "safety_check_time", "file_encoding_time"):
+        assert 0 < metrics[phase] < metrics["predict_time"], (phase, metrics)
 
 
 def test_server_prediction_then_errors_leave_no_trace(server: str) -> None:

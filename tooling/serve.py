@@ -1,7 +1,8 @@
 """`script/server`: cog's own HTTP server for this predictor, without Docker.
 
 cog's server validates inputs and serves /openapi.json only from .cog/openapi_schema.json,
-which `cog build` would write; we write it from predict.py first, then hand over.
+which `cog build` would write; we write it from predict.py first, then hand over. Arguments
+go on to cog's server: `script/server --upload-url URL` PUTs outputs there.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def main() -> None:
     }
     os.chdir(workdir)
     host = os.environ.get("HOST", "127.0.0.1")
-    os.execvpe(sys.executable, [sys.executable, "-m", "cog.server.http", "--host", host], env)
+    # Our arguments go on to cog's server (--upload-url, --await-explicit-shutdown, --host...);
+    # a --host among them wins over HOST, as argparse keeps the last.
+    command = [sys.executable, "-m", "cog.server.http", "--host", host, *sys.argv[1:]]
+    os.execvpe(sys.executable, command, env)
 
 
 if __name__ == "__main__":
