@@ -2,17 +2,12 @@
 paths for the deployment's own FLUX_MAIN_LORA only; fetched once into a bounded local cache.
 
 Only safetensors files are accepted, directly or as the one .safetensors member of a .tar or .zip.
-Secrets never reach a message or a log: sources are shown without their query string or userinfo, a
-token goes only to the host it belongs to, errors are raised `from None` so that no chained
-exception carries a URL, and the HTTP libraries' request lines lose their query strings.
-
-Every download is bounded: a connect and a read timeout, an overall deadline that cuts off even a server
-that trickles a byte at a time, a size limit checked against Content-Length and again while streaming (and
-while unpacking an archive), a bounded number of redirects, and a bounded number of retries with backoff
-for transient failures. A file is trusted, and cached, only once its whole safetensors structure checks
-out. Whatever fails, the request gets one sentence naming the input, and the cache holds nothing of it.
-Unpacking archives and checking a safetensors header are format concerns: lora_loading/archives.py and
-lora_loading/safetensors_check.py.
+Every download goes through downloads.py's bounded transport (timeouts, an overall deadline, a minimum
+rate, bounded redirects and retries; no secret in any message or log), with a size limit checked against
+Content-Length and again while streaming (and while unpacking an archive). A file is trusted, and cached,
+only once its whole safetensors structure checks out. Whatever fails, the request gets one sentence
+naming the input, and the cache holds nothing of it. Unpacking archives and checking a safetensors
+header are format concerns: lora_loading/archives.py and lora_loading/safetensors_check.py.
 """
 
 from __future__ import annotations
@@ -22,11 +17,9 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 import threading
@@ -40,29 +33,20 @@ from typing import IO, Any, TypeVar
 
 import requests
 from huggingface_hub import constants
-from urllib3.exceptions import ReadTimeoutError
 
+from downloads import CHUNK_BYTES, Transfer, body, describe, fetch, redact, seconds, start_watchdog
 from errors import LoraSourceError
 from lora_loading.archives import ArchiveProblem, extract_member, short_listing, write_bounded
 from lora_loading.safetensors_check import NOT_A_SAFETENSORS_FILE, safetensors_problem
 
 log = logging.getLogger(__name__)
-# Their request lines carry whole URLs, signatures included, at INFO (httpx2) and DEBUG (urllib3): raised to
-# WARNING, and, should a deployment turn them back down, stripped of query strings by a filter (see the end).
-for _library in ("httpx2", "urllib3"):
-    logging.getLogger(_library).setLevel(max(logging.getLogger(_library).level, logging.WARNING))
 
 SETTINGS_INPUT = "FLUX_MAIN_LORA"
 DEFAULT_MAX_LORA_BYTES = 2 * 1024**3
 DEFAULT_CACHE_BYTES = 20 * 1024**3
-CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60  # the longest silence from a server; FLUX_LORA_READ_TIMEOUT_S overrides it
 DOWNLOAD_TIMEOUT_S = 900  # one fetch in all (API calls, redirects, retries); FLUX_LORA_DOWNLOAD_TIMEOUT_S
-MAX_REDIRECTS = 10
-CHUNK_BYTES = 1024 * 1024
 MAX_API_BYTES = 16 * 1024**2  # a JSON answer from CivitAI's API
-ATTEMPTS = 3
-RETRY_BACKOFF_S = 0.5  # doubles after each failed attempt
 STALE_PART_S = 3600
 EVICTION_GRACE_S = 60  # a request may have fetched a file this recently and not have loaded it yet
 ACCEPTED_FORMS = (
@@ -142,136 +126,21 @@ class LoraCache:
 
 
 @dataclass
-class _Job:
-    """One fetch: where its bytes go before they are trusted, how its errors read, and its deadline."""
+class _Job(Transfer):
+    """One LoRA fetch: its transfer, and where its bytes go before they are trusted."""
 
-    input_name: str
-    shown: str
-    cache: LoraCache
-    part: Path
-    watchdog: _Watchdog
+    cache: LoraCache = None  # type: ignore[assignment]
+    part: Path = None  # type: ignore[assignment]
 
     @property
     def member(self) -> Path:
         return self.part.with_suffix(".member.part")
 
-    def error(self, problem: str) -> LoraSourceError:
-        return LoraSourceError(f"Invalid {self.input_name} {self.shown!r}: {problem}.")
-
     def too_large(self) -> LoraSourceError:
-        return self.error(
-            f"the file is larger than the {self.cache.max_file_bytes:,} bytes accepted (FLUX_LORA_MAX_BYTES)"
+        return LoraSourceError(
+            f"Invalid {self.input_name} {self.shown!r}: the file is larger than the "
+            f"{self.cache.max_file_bytes:,} bytes accepted (FLUX_LORA_MAX_BYTES)."
         )
-
-    def timed_out(self) -> LoraSourceError:
-        return self.error(
-            f"the download took longer than the {self.watchdog.seconds:g} s allowed (FLUX_LORA_DOWNLOAD_TIMEOUT_S)"
-        )
-
-
-class _Watchdog:
-    """A fetch's overall deadline. Timeouts bound each wait for the server, not a server that trickles a byte
-    just often enough, so at the deadline every socket the fetch opened is shut down: a blocked read returns at
-    once, and the fetch sees `expired`."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.expired = False
-        self._deadline = time.monotonic() + seconds
-        self._sockets: list[socket.socket] = []
-        self._guard = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._guard:
-            self._sockets.append(sock)
-            if self.expired:
-                _shut(sock)
-
-    def _expire(self) -> None:
-        with self._guard:
-            self.expired = True
-            for sock in self._sockets:
-                _shut(sock)
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        with self._guard:
-            self._sockets.clear()
-
-
-def _shut(sock: socket.socket) -> None:
-    # socket.socket's own shutdown, also for an SSLSocket: it acts on the descriptor, whatever TLS is doing.
-    with suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    """Hands every socket its connections open to the watchdog."""
-
-    def __init__(self, watchdog: _Watchdog):
-        self._watchdog = watchdog
-        super().__init__()
-
-    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
-        pool = super().get_connection_with_tls_context(*args, **kwargs)
-        if not getattr(pool.ConnectionCls, "_watchdog", None):
-            watchdog, base = self._watchdog, pool.ConnectionCls
-
-            class Watched(base):  # type: ignore[misc, valid-type]
-                _watchdog = watchdog
-
-                def _new_conn(self) -> socket.socket:
-                    sock = super()._new_conn()
-                    watchdog.watch(sock)
-                    return sock
-
-            pool.ConnectionCls = Watched
-        return pool
-
-
-def _session(watchdog: _Watchdog) -> requests.Session:
-    session = requests.Session()
-    session.max_redirects = MAX_REDIRECTS
-    adapter = _WatchedAdapter(watchdog)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-def _seconds(name: str, default: float) -> float:
-    """A positive number of seconds from the environment, else `default` (read per fetch, so tests and
-    deployments may change it)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        log.warning("%s=%r is not a positive number of seconds; using %g.", name, text, default)
-        return default
-    return value
-
-
-def redact(source: str) -> str:
-    """The source as it may be shown: no query string (signatures), no user:password."""
-    source = source.strip()
-    parsed = urllib.parse.urlsplit(source)
-    if parsed.scheme.lower() in ("http", "https"):
-        host = parsed.hostname or ""
-        if parsed.port:
-            host += f":{parsed.port}"
-        return urllib.parse.urlunsplit((parsed.scheme, host, parsed.path, "", ""))
-    if parsed.scheme.lower() == "data":
-        return source[: source.find(",") + 1] + "..." if "," in source else "data:..."
-    return source.split("?")[0].split("#")[0]
 
 
 def parse_source(input_name: str, source: str) -> Reference:
@@ -379,8 +248,18 @@ def fetch_lora(input_name: str, source: str, cache: LoraCache) -> Path:
                 log.info("LoRA for %s: %s, from the cache.", input_name, shown)
                 return target
             cache.clean_stale_parts()
-            watchdog = _Watchdog(_seconds("FLUX_LORA_DOWNLOAD_TIMEOUT_S", DOWNLOAD_TIMEOUT_S))
-            job = _Job(input_name, shown, cache, target.with_suffix(".part"), watchdog)
+            watchdog = start_watchdog("FLUX_LORA_DOWNLOAD_TIMEOUT_S", DOWNLOAD_TIMEOUT_S)
+            job = _Job(
+                input_name,
+                shown,
+                watchdog,
+                LoraSourceError,
+                "FLUX_LORA_DOWNLOAD_TIMEOUT_S",
+                "FLUX_LORA_READ_TIMEOUT_S",
+                seconds("FLUX_LORA_READ_TIMEOUT_S", READ_TIMEOUT_S),
+                cache=cache,
+                part=target.with_suffix(".part"),
+            )
             log.info("LoRA for %s: fetching %s.", input_name, shown)
             try:
                 _FETCHERS[reference.kind](job, reference)
@@ -392,7 +271,11 @@ def fetch_lora(input_name: str, source: str, cache: LoraCache) -> Path:
                         leftover.unlink(missing_ok=True)
     except OSError as error:
         # Each fetcher turns network errors into sentences, so what gets here is the cache's disk.
-        problem = f"the download failed: {_describe(error)}" if isinstance(error, requests.RequestException) else None
+        problem = (
+            f"the download failed: {describe(error, 'FLUX_LORA_READ_TIMEOUT_S')}"
+            if isinstance(error, requests.RequestException)
+            else None
+        )
         raise LoraSourceError(f"Invalid {input_name} {shown!r}: {problem or _cache_problem(cache, error)}.") from None
     try:
         cache.evict(keep=target)
@@ -499,9 +382,9 @@ def _from_civitai(job: _Job, reference: Reference) -> None:
         return _download(job, url, token)
     # A model id is not a version id: the model's newest version is the first that the API lists.
     if reference.version:
-        version = _fetch(job, f"{base}/api/v1/model-versions/{reference.version}", token, _json_of(job))
+        version = fetch(job, f"{base}/api/v1/model-versions/{reference.version}", token, _json_of(job))
     else:
-        model = _fetch(job, f"{base}/api/v1/models/{reference.target}", token, _json_of(job))
+        model = fetch(job, f"{base}/api/v1/models/{reference.target}", token, _json_of(job))
         version = next(iter(model.get("modelVersions") or []), None) if isinstance(model, dict) else None
     listed = version.get("files") if isinstance(version, dict) else None
     files = [file for file in listed or [] if isinstance(file, dict) and _civitai_safetensors(file)]
@@ -517,13 +400,13 @@ def _from_civitai(job: _Job, reference: Reference) -> None:
 
 def _json_of(job: _Job) -> Callable[[requests.Response], Any]:
     def read(response: requests.Response) -> Any:
-        body = bytearray()
-        for chunk in response.iter_content(CHUNK_BYTES):
-            body += chunk
-            if len(body) > MAX_API_BYTES:
+        answer = bytearray()
+        for chunk in body(job, response):
+            answer += chunk
+            if len(answer) > MAX_API_BYTES:
                 raise job.error(f"the API's answer is larger than the {MAX_API_BYTES:,} bytes accepted")
         try:
-            return json.loads(body)
+            return json.loads(answer)
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
             raise job.error("the download failed: the API's answer is not JSON") from None
 
@@ -541,7 +424,7 @@ def _from_hugging_face(job: _Job, reference: Reference) -> None:
     then the file at the commit it names, as huggingface_hub's model_info and hf_hub_download ask for them."""
     endpoint = _service_base("huggingface")
     revision = f"/revision/{urllib.parse.quote(reference.version, safe='')}" if reference.version else ""
-    info = _fetch(job, f"{endpoint}/api/models/{reference.target}{revision}?blobs=true", "HF_TOKEN", _json_of(job))
+    info = fetch(job, f"{endpoint}/api/models/{reference.target}{revision}?blobs=true", "HF_TOKEN", _json_of(job))
     siblings = info.get("siblings") if isinstance(info, dict) else None
     if not isinstance(siblings, list):
         raise job.error("the Hugging Face API's answer lists no files")
@@ -592,90 +475,14 @@ def _read_local(job: _Job, path: Path) -> Iterator[bytes]:
         raise job.error(f"it cannot be read ({error.strerror})") from None
 
 
-def _fetch(job: _Job, url: str, token_var: str | None, use: Callable[[requests.Response], _T]) -> _T:
-    """GET `url` and hand the response to `use`, retrying connection errors, timeouts, 429 and 5xx with
-    backoff, within the job's deadline. The token goes to `url`'s host only: requests drops Authorization on
-    a redirect to another host."""
-    token = os.environ.get(token_var) if token_var else None
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    read_timeout = _seconds("FLUX_LORA_READ_TIMEOUT_S", READ_TIMEOUT_S)
-    watchdog = job.watchdog
-    problem = ""
-    with _session(watchdog) as session:
-        for attempt in range(ATTEMPTS):
-            if attempt:
-                time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), watchdog.remaining()))
-            if watchdog.expired or not watchdog.remaining():
-                raise job.timed_out()
-            timeout = (min(CONNECT_TIMEOUT_S, watchdog.remaining()), min(read_timeout, watchdog.remaining()))
-            try:
-                with session.get(url, headers=headers, stream=True, timeout=timeout) as answer:
-                    if answer.status_code == 429 or answer.status_code >= 500:
-                        problem = f"the server answered HTTP {answer.status_code}"
-                        log.info(
-                            "LoRA for %s: HTTP %d, attempt %d of %d.",
-                            job.input_name,
-                            answer.status_code,
-                            attempt + 1,
-                            ATTEMPTS,
-                        )
-                        continue
-                    if answer.status_code >= 400:
-                        raise job.error(_status_problem(answer.status_code, token_var))
-                    try:
-                        result = use(answer)
-                    except LoraSourceError:
-                        if watchdog.expired:  # what `use` made of a body that the deadline cut short
-                            raise job.timed_out() from None
-                        raise
-                if watchdog.expired:  # the deadline cut the body short where no Content-Length showed it
-                    raise job.timed_out()
-                return result
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-                if watchdog.expired:
-                    raise job.timed_out() from None
-                problem = f"the download failed: {_describe(error)}"
-                log.info("LoRA for %s: %s, attempt %d of %d.", job.input_name, _describe(error), attempt + 1, ATTEMPTS)
-            except requests.RequestException as error:
-                if watchdog.expired:
-                    raise job.timed_out() from None
-                raise job.error(f"the download failed: {_describe(error)}") from None
-    raise job.error(problem)
-
-
-def _status_problem(status: int, token_var: str | None) -> str:
-    if status == 404:
-        return "not found (HTTP 404)"
-    if status in (401, 403):
-        fix = f"set {token_var} to a token that may read it" if token_var else "the file needs a token or a signed URL"
-        return f"access denied (HTTP {status}); {fix}"
-    return f"the server answered HTTP {status}"
-
-
-_DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
-    (requests.Timeout, "the server did not answer in time (FLUX_LORA_READ_TIMEOUT_S)"),
-    (requests.exceptions.ChunkedEncodingError, "the connection broke off before the end of the file"),
-    (requests.TooManyRedirects, f"the server redirected more than {MAX_REDIRECTS} times"),
-    (requests.exceptions.ContentDecodingError, "the server's compressed answer cannot be decoded"),
-    (requests.ConnectionError, "the connection failed"),
-)
-
-
-def _describe(error: Exception) -> str:
-    # Only the kind of error: its own text carries the URL, signature and all.
-    if isinstance(error, requests.ConnectionError) and error.args and isinstance(error.args[0], ReadTimeoutError):
-        error = requests.Timeout()  # requests reports a read timeout while streaming the body as a ConnectionError
-    return next((text for kind, text in _DESCRIPTIONS if isinstance(error, kind)), type(error).__name__)
-
-
 def _download(job: _Job, url: str, token_var: str | None = None) -> None:
     def save(response: requests.Response) -> None:
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > job.cache.max_file_bytes:
             raise job.too_large()
-        _write(job, response.iter_content(CHUNK_BYTES), job.part)
+        _write(job, body(job, response), job.part)
 
-    _fetch(job, url, token_var, save)
+    fetch(job, url, token_var, save)
 
 
 def _write(job: _Job, chunks: Iterable[bytes], path: Path) -> None:
@@ -688,23 +495,3 @@ def _check_member(job: _Job) -> None:
         raise job.error("the .safetensors file in the archive is not a safetensors file")
     if problem is not None:
         raise job.error(f"the .safetensors file in the archive is damaged: {problem}")
-
-
-class _RedactQueries(logging.Filter):
-    """Strips query strings (signatures) from the HTTP libraries' own log records, should a deployment set
-    them to DEBUG or INFO."""
-
-    _QUERY = re.compile(r"\?[^\s\"'<>]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: logging reports it as usual, after the filters
-            return True
-        if "?" in message:
-            record.msg, record.args = self._QUERY.sub("?...", message), None
-        return True
-
-
-for _library in ("urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager", "urllib3.util.retry", "httpx2"):
-    logging.getLogger(_library).addFilter(_RedactQueries())

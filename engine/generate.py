@@ -16,6 +16,7 @@ import cog
 import torch
 from PIL import Image
 
+from downloads import redact
 from engine.config import Settings
 from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
 from engine.inputs import LoraRequest, Mode, Request
@@ -26,7 +27,7 @@ from lora_loading import LoraAdapters, LoraFile
 from lora_loading.formats import check_lora_matches, read_lora
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
-from weights import LoraCache, fetch_lora, redact
+from weights import LoraCache, fetch_lora
 
 log = logging.getLogger(__name__)
 OFFLOADED = "the models are offloaded to CPU memory (FLUX_OFFLOAD), which leaves no GPU room for fp8 copies"

@@ -88,6 +88,6 @@ def image_of(data: bytes) -> Image.Image:
 @pytest.fixture(autouse=True)
 def no_retry_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries still happen; the suite just does not sleep between them."""
-    import weights
+    import downloads
 
-    monkeypatch.setattr(weights, "RETRY_BACKOFF_S", 0)
+    monkeypatch.setattr(downloads, "RETRY_BACKOFF_S", 0)

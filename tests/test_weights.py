@@ -23,6 +23,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import downloads
 import weights
 from errors import LoraSourceError
 from lora_loading import archives
@@ -431,7 +432,7 @@ def test_transient_errors_are_retried(host: FakeHost, cache: LoraCache, statuses
 def test_retries_are_bounded(host: FakeHost, cache: LoraCache) -> None:
     host.routes["/x.safetensors"] = flaky([500] * 10, lora(17))
     assert "the server answered HTTP 500" in failure(cache, host.url + "/x.safetensors")
-    assert len(host.requests) == weights.ATTEMPTS
+    assert len(host.requests) == downloads.ATTEMPTS
 
 
 def test_a_download_broken_mid_file_leaves_nothing_and_the_next_attempt_works(host: FakeHost, cache: LoraCache) -> None:
@@ -440,7 +441,7 @@ def test_a_download_broken_mid_file_leaves_nothing_and_the_next_attempt_works(ho
     url = host.url + "/x.safetensors"
     assert "the connection broke off before the end of the file" in failure(cache, url)
     assert cached_files(cache) == []
-    assert len(host.requests) == weights.ATTEMPTS
+    assert len(host.requests) == downloads.ATTEMPTS
     host.serve("/x.safetensors", body)
     assert fetch(cache, url) == body
 
