@@ -59,6 +59,8 @@ def random_seed() -> int:
 
 class Engine:
     def __init__(self, settings: Settings):
+        with timed("fetching weights named by URL", settings.device):
+            settings = settings.with_weights_fetched()
         self.settings = settings
         self.device = settings.device
         fast = FastSettings.from_env()
