@@ -85,7 +85,7 @@ class FakeHost:
         self, repo: str, files: dict[str, bytes], revision: str = "main", token: str | None = None
     ) -> str:
         """The Hugging Face Hub, as much as weights.py (and huggingface_hub's model_info and hf_hub_download)
-        uses: the repo's info with its files (siblings), and HEAD/GET
+        uses: the repo's info with its files (siblings), its file tree (snapshot_download), and HEAD/GET
         `/<repo>/resolve/<revision or commit>/<file>` with the commit and ETag headers. With `token`, every
         route wants `Authorization: Bearer <token>`."""
         sha = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
@@ -93,6 +93,14 @@ class FakeHost:
         info = json.dumps({"id": repo, "modelId": repo, "sha": sha, "private": bool(token), "siblings": siblings})
         for path in (f"/api/models/{repo}", f"/api/models/{repo}/revision/{urllib.parse.quote(revision, safe='')}"):
             self.routes[path] = _guarded(token, (200, {"Content-Type": "application/json"}, info.encode()))
+        # The file tree snapshot_download lists (one page, files only: it wants no folder entries).
+        tree = [
+            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            for name, data in files.items()
+        ]
+        for rev in (sha, revision):
+            path = f"/api/models/{repo}/tree/{urllib.parse.quote(rev, safe='')}"
+            self.routes[path] = _guarded(token, (200, {"Content-Type": "application/json"}, json.dumps(tree).encode()))
         for name, data in files.items():
             headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
             for rev in (sha, revision):

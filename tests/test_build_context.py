@@ -18,7 +18,7 @@ from docker.utils.build import exclude_paths
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS_FOLDER = "flux-weights"
 # What the image must hold for predict.py to run: the request path and its configuration.
-RUNTIME = {"cog.yaml", "requirements.txt", "predict.py", "errors.py", "weights.py"}
+RUNTIME = {"cog.yaml", "requirements.txt", "predict.py", "errors.py", "weights.py", "downloads.py", "model_weights.py"}
 RUNTIME_PACKAGES = ("engine", "lora_loading", "safety")
 MAX_CONTEXT_BYTES = 2 * 1024**2
 
@@ -70,7 +70,8 @@ def project_with_clutter(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "notes.txt",
         "secrets.env",
         "tests/scratch.py",
-        f"{WEIGHTS_FOLDER}/dev/.partial/transformer.tar",
+        f"{WEIGHTS_FOLDER}/dev/.cache/huggingface/download/transformer/config.json.metadata",
+        f"{WEIGHTS_FOLDER}/dev.tar",
     ]
     for name in clutter:
         (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import re
+import subprocess
 import tarfile
 import threading
 import time
@@ -317,3 +318,44 @@ def test_setup_from_tars_gives_the_same_images_as_from_folders(
     server.ranges.clear()
     make_predictor(env)  # a second start: everything from the cache
     assert server.ranges == []
+
+
+def test_download_weights_script_fills_the_folder_settings_use(tmp_path: Path) -> None:
+    """script/download-weights against a local stand-in for the Hub (huggingface_hub's own client, via
+    HF_ENDPOINT): the gated dev repo wants the token; only the files setup reads are fetched."""
+    from tests.fake_hosts import start_fake_host
+    from tooling.download_weights import MODELS
+
+    assert {subfolder for _, subfolder in config.WEIGHT_SETTINGS.values()} == set(MODELS)
+    hub = start_fake_host()
+    token = "hf_" + SECRET
+    repos = {
+        "dev": {**MODEL, "flux1-dev.safetensors": b"single-file checkpoint", "vae/config.json": b"{}"},
+        "schnell": {**MODEL, "text_encoder/config.json": b"{}"},
+        "safety-checker": {"config.json": b"{}", "model.safetensors": b"s", "pytorch_model.bin": b"b"},
+        "nsfw-classifier": {"config.json": b"{}", "pytorch_model.bin": b"b"},
+    }
+    for name, files in repos.items():
+        hub.serve_hf_repo(MODELS[name][0], files, token=token if name == "dev" else None)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    script = [str(Path(__file__).resolve().parents[1] / "script" / "download-weights"), "--dest", str(tmp_path)]
+    try:
+        refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1
+        assert "accept its license at https://huggingface.co/black-forest-labs/FLUX.1-dev" in refused.stderr
+        done = subprocess.run(
+            [*script, "--tar"], env={**env, "HF_TOKEN": token}, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        hub.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert SECRET not in refused.stderr + done.stderr
+    fetched = {name: {n for n in files_in(tmp_path / name) if not n.startswith(".cache/")} for name in repos}
+    assert fetched == {
+        "dev": {*MODEL, "vae/config.json"},  # not the single-file checkpoint
+        "schnell": set(MODEL),  # not the encoders schnell borrows from dev
+        "safety-checker": {"config.json", "model.safetensors"},  # safetensors where there are some
+        "nsfw-classifier": {"config.json", "pytorch_model.bin"},
+    }
+    with tarfile.open(tmp_path / "dev.tar") as archive:
+        assert sorted(archive.getnames()) == sorted({*MODEL, "vae/config.json"})
