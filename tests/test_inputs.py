@@ -152,3 +152,17 @@ def test_loras_are_named_by_their_input_and_blank_means_none() -> None:
     assert request.loras == (LoraRequest("replicate_weights", "https://x/a.safetensors", -1.0),)
     settings = parse(prompt="a", replicate_weights="/l.safetensors", main_lora_input="FLUX_MAIN_LORA")
     assert settings.loras[0].input_name == "FLUX_MAIN_LORA"
+
+
+def test_every_choice_the_contract_offers_has_its_behaviour() -> None:
+    """Choices live only in predict.py; the engine's tables keyed by them must cover each one."""
+    from engine.outputs import PIL_FORMATS
+    from engine.sizes import ASPECT_RATIO_SIZES
+
+    assert CONTRACT["aspect_ratio"].choices == [*ASPECT_RATIO_SIZES, "custom"]
+    assert CONTRACT["output_format"].choices == list(PIL_FORMATS)
+    for megapixels in CONTRACT["megapixels"].choices:
+        for ratio, (width, height) in ASPECT_RATIO_SIZES.items():
+            request = parse(prompt="a", aspect_ratio=ratio, megapixels=megapixels)
+            divisor = {"1": 1, "0.25": 2}[megapixels]
+            assert (request.width, request.height) == (width // divisor, height // divisor)

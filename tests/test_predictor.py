@@ -410,3 +410,7 @@ def test_offload_off_lets_a_gpu_that_is_too_small_fail_setup(
     monkeypatch.setattr(engine.pipelines.FluxPipeline, "from_pretrained", out_of_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         make_predictor(predictor_env(demo_models, tmp_path / "cache", FLUX_OFFLOAD="off"))
+
+
+def test_the_model_choices_are_the_models_setup_loads(predictor: Any) -> None:
+    assert predictor.contract["model"].choices == list(predictor.engine.models)
