@@ -25,8 +25,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -48,7 +48,6 @@ READ_TIMEOUT_S = 60  # the longest silence from a server; FLUX_LORA_READ_TIMEOUT
 DOWNLOAD_TIMEOUT_S = 900  # one fetch in all (API calls, redirects, retries); FLUX_LORA_DOWNLOAD_TIMEOUT_S
 MAX_API_BYTES = 16 * 1024**2  # a JSON answer from CivitAI's API
 STALE_PART_S = 3600
-EVICTION_GRACE_S = 60  # a request may have fetched a file this recently and not have loaded it yet
 ACCEPTED_FORMS = (
     "owner/model[/version] or replicate.com/owner/model[/versions/<id>] (Replicate); "
     "huggingface.co/owner/repo[/<file>.safetensors | /blob/<rev>/<path> | /resolve/<rev>/<path>]; "
@@ -59,6 +58,7 @@ _HUBS = {"replicate.com": "replicate", "civitai.com": "civitai"} | dict.fromkeys
     ("huggingface.co", "hf.co"), "huggingface"
 )
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+_NOT_VERSIONS = {".", "..", "versions", "readme", "api", "examples", "playground", "train", "trainings"}
 _T = TypeVar("_T")
 
 
@@ -97,21 +97,38 @@ class LoraCache:
     def path_for(self, key: str) -> Path:
         return self.folder / (hashlib.sha256(key.encode()).hexdigest() + ".safetensors")
 
-    def evict(self, keep: Path) -> None:
-        """`keep`, just fetched, stays even when it alone is over the bound."""
+    def evict(self, keep: Collection[Path]) -> None:
+        """Least recently used first, down to the bound. `keep`, the request's own files, stays even when
+        it alone is over the bound; a file another process holds `in_use` is skipped."""
         entries = []
         for path in self.folder.glob("*.safetensors"):
             with suppress(FileNotFoundError):
                 info = path.stat()
                 entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
-        for mtime, size, path in sorted(entries):
+        for _, size, path in sorted(entries):
             if total <= self.max_total_bytes:
                 break
-            if path != keep and time.time() - mtime >= EVICTION_GRACE_S:
+            if path in keep:
+                continue
+            with suppress(FileNotFoundError), path.open("rb") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a request in another process is loading it
                 path.unlink(missing_ok=True)
                 total -= size
                 log.info("LoRA cache: evicted %s (%d bytes), the least recently used.", path.name, size)
+
+    @contextmanager
+    def in_use(self, paths: Collection[Path]) -> Iterator[None]:
+        """Shared locks on a request's files while it loads them, so that no other process evicts them
+        (one server runs one prediction at a time; several may share the folder). FileNotFoundError: a
+        file went before it was locked."""
+        with ExitStack() as stack:
+            for path in paths:
+                fcntl.flock(stack.enter_context(path.open("rb")), fcntl.LOCK_SH)
+            yield
 
     def clean_stale_parts(self) -> None:
         """A fetch killed mid-way leaves its .part behind; one untouched for an hour is abandoned."""
@@ -179,7 +196,9 @@ def _replicate(path: list[str]) -> Reference | None:
         path = path[:2] + path[3:]
     if len(path) not in (2, 3) or not all(_NAME.fullmatch(name) for name in path[:2]):
         return None
-    if len(path) == 3 and not re.fullmatch(r"[0-9a-fA-F]+", path[2]):
+    # Version ids are usually 64 hex digits, but the peers' own tests use names such as "version123":
+    # any such name is taken, and quoted in the URL, except the names of a model's own pages.
+    if len(path) == 3 and (not re.fullmatch(r"[A-Za-z0-9._-]+", path[2]) or path[2] in _NOT_VERSIONS):
         return None
     return Reference("replicate", "/".join(path[:2]), path[2] if len(path) == 3 else None)
 
@@ -277,10 +296,6 @@ def fetch_lora(input_name: str, source: str, cache: LoraCache) -> Path:
             else None
         )
         raise LoraSourceError(f"Invalid {input_name} {shown!r}: {problem or _cache_problem(cache, error)}.") from None
-    try:
-        cache.evict(keep=target)
-    except OSError as error:
-        log.warning("LoRA cache: eviction failed (%s).", error.strerror or type(error).__name__)
     return target
 
 
@@ -370,7 +385,7 @@ def _from_data_uri(job: _Job, reference: Reference) -> None:
 
 
 def _from_replicate(job: _Job, reference: Reference) -> None:
-    version = f"/versions/{reference.version}" if reference.version else ""
+    version = f"/versions/{urllib.parse.quote(reference.version, safe='')}" if reference.version else ""
     _download(job, f"{_service_base('replicate')}/{reference.target}{version}/_weights", "REPLICATE_API_TOKEN")
 
 

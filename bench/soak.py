@@ -113,9 +113,6 @@ class Soak:
         mask = Image.new("L", (300, 200), 0)
         mask.paste(255, (150, 0, 300, 200))
         mask.save(folder / "mask.png")
-        import weights
-
-        weights.EVICTION_GRACE_S = 0  # the soak checks the bound itself, between requests
         import predict
 
         self.predictor = predict.Predictor()

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,15 +209,25 @@ class Engine:
         )
 
     def _apply_loras(self, request: Request, fast: bool) -> None:
-        """Fetch first, then apply: a failed download leaves the model untouched."""
+        """Fetch first, then apply: a failed download leaves the model untouched. The request's files are
+        held while it loads them and kept by the cache's eviction, which runs once they are all here."""
         wanted = _unique_loras(request.loras)
-        files = [
-            LoraFile(
-                lora.input_name, lora.source, fetch_lora(lora.input_name, lora.source, self.lora_cache), lora.scale
-            )
-            for lora in wanted
-        ]
-        self.loras[request.model, fast].apply(files)
+        paths = [fetch_lora(lora.input_name, lora.source, self.lora_cache) for lora in wanted]
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.lora_cache.in_use(paths))
+            except FileNotFoundError:  # another process sharing the cache evicted one in between
+                paths = [fetch_lora(lora.input_name, lora.source, self.lora_cache) for lora in wanted]
+                held.enter_context(self.lora_cache.in_use(paths))
+            try:
+                self.lora_cache.evict(keep=paths)
+            except OSError as error:
+                log.warning("LoRA cache: eviction failed (%s).", error.strerror or type(error).__name__)
+            files = [
+                LoraFile(lora.input_name, lora.source, path, lora.scale)
+                for lora, path in zip(wanted, paths, strict=True)
+            ]
+            self.loras[request.model, fast].apply(files)
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
 

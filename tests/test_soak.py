@@ -26,9 +26,6 @@ SOAK_SETTINGS = (
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
     with pytest.MonkeyPatch.context() as patch:
-        import weights
-
-        patch.setattr(weights, "EVICTION_GRACE_S", 0)
         patch.setattr(tempfile, "tempdir", tempfile.tempdir)
         # Soak writes the predictor's settings into os.environ: setting them here first
         # makes the context restore them afterwards.

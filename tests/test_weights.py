@@ -10,6 +10,8 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -171,7 +173,9 @@ def test_flux_main_lora_also_takes_local_paths(source: str, expected: Reference)
     [
         "hello world",
         "owner",
-        "owner/model/not-a-version",
+        "owner/model/not a version",
+        "owner/model/..",
+        "owner/model/versions/v@1",
         "owner/model/versions/",
         "../model",
         "huggingface.co/owner",
@@ -227,13 +231,20 @@ def test_replicate_model_fetches_the_lora_from_its_tar_with_the_token_kept_home(
 
 
 @pytest.mark.parametrize(
-    "form", [f"me/style/{HEX}", f"me/style/versions/{HEX}", f"https://replicate.com/me/style/versions/{HEX}"]
+    ("form", "version"),
+    [
+        (f"me/style/{HEX}", HEX),
+        (f"me/style/versions/{HEX}", HEX),
+        (f"https://replicate.com/me/style/versions/{HEX}", HEX),
+        ("me/style/version123", "version123"),
+        ("me/style/versions/v1.2_final-b", "v1.2_final-b"),
+    ],
 )
-def test_replicate_version_fetches_that_version(host: FakeHost, cache: LoraCache, form: str) -> None:
-    host.serve_replicate("me/style", tar({"lora.safetensors": lora(2)}), version=HEX)
+def test_replicate_version_fetches_that_version(host: FakeHost, cache: LoraCache, form: str, version: str) -> None:
+    host.serve_replicate("me/style", tar({"lora.safetensors": lora(2)}), version=version)
     host.serve_replicate("me/style", tar({"lora.safetensors": lora(3)}))
     assert fetch(cache, form) == lora(2)
-    assert host.requests[0] == f"/me/style/versions/{HEX}/_weights"
+    assert host.requests[0] == f"/me/style/versions/{version}/_weights"
 
 
 def test_replicate_tar_prefers_lora_safetensors(host: FakeHost, cache: LoraCache) -> None:
@@ -485,10 +496,7 @@ def test_a_killed_download_is_never_trusted_and_stale_parts_are_cleaned(host: Fa
     assert cached_files(cache) == sorted([target.name, fresh.name])
 
 
-def test_least_recently_used_files_are_evicted_first(
-    host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(weights, "EVICTION_GRACE_S", 0)
+def test_least_recently_used_files_are_evicted_first(host: FakeHost, tmp_path: Path) -> None:
     size = len(lora(0))
     cache = LoraCache(tmp_path / "cache", max_file_bytes=100_000, max_total_bytes=3 * size)
     sources = {name: data_uri(lora(seed)) for seed, name in enumerate("abcd")}
@@ -497,19 +505,53 @@ def test_least_recently_used_files_are_evicted_first(
         os.utime(paths[name], (time.time() - age, time.time() - age))
     fetch_lora("extra_lora", sources["a"], cache)  # a use makes "a" the most recent
     paths["d"] = fetch_lora("extra_lora", sources["d"], cache)
+    assert all(path.exists() for path in paths.values())  # fetching alone never evicts
+    cache.evict(keep=[paths["d"]])
     assert {name for name, path in paths.items() if path.exists()} == {"a", "c", "d"}
 
 
-def test_the_file_just_fetched_and_recently_used_ones_stay(
-    host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cache = LoraCache(tmp_path / "cache", max_file_bytes=100_000, max_total_bytes=10)
-    first = fetch_lora("replicate_weights", data_uri(lora(1)), cache)
-    second = fetch_lora("extra_lora", data_uri(lora(2)), cache)
-    assert first.exists() and second.exists()  # both wanted by the request in flight
-    monkeypatch.setattr(weights, "EVICTION_GRACE_S", 0)
-    third = fetch_lora("extra_lora", data_uri(lora(3)), cache)
-    assert third.exists() and not first.exists() and not second.exists()
+def test_a_burst_of_new_loras_never_leaves_more_than_the_bound_and_the_request_in_flight(tmp_path: Path) -> None:
+    """Each request fetches its files, keeps them, and evicts the rest down to the bound: however fast new
+    LoRAs come, the folder holds at most the bound plus the files of the request being served."""
+    size = len(lora(0))
+    cache = LoraCache(tmp_path / "cache", max_file_bytes=100_000, max_total_bytes=2 * size)
+    for request in range(6):
+        wanted = [fetch_lora(name, data_uri(lora(10 * request + i)), cache) for i, name in enumerate(NAMES)]
+        with cache.in_use(wanted):
+            cache.evict(keep=wanted)
+            assert all(path.exists() for path in wanted)
+            total = sum(path.stat().st_size for path in cache.folder.glob("*.safetensors"))
+            assert total <= cache.max_total_bytes + sum(path.stat().st_size for path in wanted)
+    assert sum(path.stat().st_size for path in cache.folder.glob("*.safetensors")) <= 2 * size
+
+
+def test_a_file_another_process_is_loading_is_not_evicted(tmp_path: Path) -> None:
+    size = len(lora(0))
+    cache = LoraCache(tmp_path / "cache", max_file_bytes=100_000, max_total_bytes=size)
+    busy = fetch_lora("extra_lora", data_uri(lora(1)), cache)
+    os.utime(busy, (time.time() - 300, time.time() - 300))  # the least recently used
+    newest = fetch_lora("extra_lora", data_uri(lora(2)), cache)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SHARED_LOCK, str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cache.evict(keep=[newest])
+        assert busy.exists()  # over the bound, but in use elsewhere
+    finally:
+        holder.kill()
+        holder.wait()
+    cache.evict(keep=[newest])
+    assert not busy.exists() and newest.exists()
+
+
+NAMES = ("replicate_weights", "extra_lora")
+# What LoraCache.in_use does in the other process: a shared flock while its request loads the file.
+HOLD_SHARED_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "rb")
+fcntl.flock(handle, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 def test_cache_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
