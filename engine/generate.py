@@ -24,6 +24,7 @@ from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
+from lora_loading.adapters import TextEncoderLoras
 from lora_loading.formats import check_lora_matches, read_lora
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
@@ -86,6 +87,11 @@ class Engine:
                 settings.dtype,
                 home=HOME if self.offload.enabled else None,
             )
+        # dev and schnell share their text encoders, so those have one LoRA state, set by every request.
+        dev = self.models["dev"].text_to_image
+        self.text_encoder_loras = TextEncoderLoras(
+            {"text_encoder": dev.text_encoder, "text_encoder_2": dev.text_encoder_2}
+        )
         self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
         for name, model in self.models.items():
             self.loras[name, False] = LoraAdapters(model.text_to_image)
@@ -227,7 +233,12 @@ class Engine:
                 LoraFile(lora.input_name, lora.source, path, lora.scale)
                 for lora, path in zip(wanted, paths, strict=True)
             ]
-            self.loras[request.model, fast].apply(files)
+            try:
+                self.text_encoder_loras.apply(files)
+                self.loras[request.model, fast].apply(files)
+            except BaseException:
+                self.text_encoder_loras.unload()  # nothing of a failed request stays applied
+                raise
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
 

@@ -11,35 +11,54 @@ Around them we add what a server needs:
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from collections.abc import Sequence
 
+import torch
 from diffusers import FluxPipeline
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
+from errors import LoraFormatError
 from lora_loading.formats import LoraFile, check_lora_matches, read_lora
+from lora_loading.text_encoders import EncoderLora, text_encoder_loras
+
+log = logging.getLogger(__name__)
 
 
 class LoraAdapters:
-    """The LoRA state of one pipeline (dev and schnell each have their own)."""
+    """The LoRA state of one pipeline's transformer (dev and schnell each have their own).
+
+    Transformer-level calls only: the pipeline-level ones (`set_adapters`, `unload_lora_weights`)
+    also act on the text encoders, which both models share and TextEncoderLoras keeps."""
 
     def __init__(self, pipeline: FluxPipeline):
         self.pipeline = pipeline
         self.loaded_keys: tuple[str, ...] = ()
+        self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
         if keys != self.loaded_keys:
             self._reload(loras)
-        if loras:
+        if self.adapters:
             # The only place a scale is applied; the pipeline call gets no attention "scale".
-            self.pipeline.set_adapters(list(self._names(loras)), [lora.scale for lora in loras])
+            self.pipeline.transformer.set_adapters(
+                [name for name, _ in self.adapters], [loras[index].scale for _, index in self.adapters]
+            )
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()
         try:
-            for name, lora in zip(self._names(loras), loras, strict=True):
-                state_dict = read_lora(lora)
-                transformer_part = check_lora_matches(self.pipeline, state_dict, lora.input_name)
-                self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
+            for index, lora in enumerate(loras):
+                transformer_part = check_lora_matches(self.pipeline, read_lora(lora), lora.input_name)
+                if transformer_part:  # empty for a file that adapts only the text encoders
+                    name = f"lora_{index}"
+                    self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
+                    self.adapters.append((name, index))
         except BaseException:
             # All-or-nothing: peft removes its layers and restores the original modules,
             # so the transformer is bit-for-bit the base model again.
@@ -48,10 +67,83 @@ class LoraAdapters:
         self.loaded_keys = tuple(lora.key for lora in loras)
 
     def unload(self) -> None:
-        if self.loaded_keys or self.pipeline.get_list_adapters():
-            self.pipeline.unload_lora_weights()
+        if self.loaded_keys or getattr(self.pipeline.transformer, "peft_config", None):
+            self.pipeline.transformer.unload_lora()
+        self.adapters = []
         self.loaded_keys = ()
 
-    @staticmethod
-    def _names(loras: Sequence[LoraFile]) -> list[str]:
-        return [f"lora_{index}" for index in range(len(loras))]
+
+class TextEncoderLoras:
+    """The LoRA state of the shared text encoders, set from each request's LoRAs, whichever model it runs."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]):
+        self.models = models  # by attribute: text_encoder, text_encoder_2
+        self.loaded_keys: tuple[str, ...] = ()
+        self.adapters: dict[str, list[tuple[str, int]]] = {}  # by encoder: (adapter name, index of its LoRA)
+
+    def apply(self, loras: Sequence[LoraFile]) -> None:
+        keys = tuple(lora.key for lora in loras)
+        if keys != self.loaded_keys:
+            self._reload(loras)
+        for attribute, adapters in self.adapters.items():
+            for module in self.models[attribute].modules():
+                if isinstance(module, LoraLayer):
+                    for name, index in adapters:
+                        if name in module.scaling:
+                            module.set_scale(name, loras[index].scale)
+
+    def _reload(self, loras: Sequence[LoraFile]) -> None:
+        self.unload()
+        try:
+            for index, lora in enumerate(loras):
+                for attribute, part in text_encoder_loras(read_lora(lora), self.models, lora.input_name).items():
+                    name = f"text_lora_{index}"
+                    self._inject(attribute, name, part)
+                    self.adapters.setdefault(attribute, []).append((name, index))
+            for attribute, adapters in self.adapters.items():
+                names = [name for name, _ in adapters]
+                for module in self.models[attribute].modules():
+                    if isinstance(module, LoraLayer):
+                        module.set_adapter([name for name in names if name in module.lora_A])
+        except BaseException:
+            self.unload()
+            raise
+        self.loaded_keys = tuple(lora.key for lora in loras)
+        for attribute, adapters in self.adapters.items():
+            log.info("LoRA on the %s: %d adapter(s).", attribute, len(adapters))
+
+    def _inject(self, attribute: str, name: str, part: EncoderLora) -> None:
+        model = self.models[attribute]
+        ranks = {module: down.shape[0] for module, (down, _) in part.modules.items()}
+        config = LoraConfig(
+            r=max(ranks.values()),
+            lora_alpha=max(ranks.values()),
+            target_modules=sorted(ranks),
+            # Full module names (peft matches them as suffixes); alpha = rank, as alpha/rank is folded into A.
+            rank_pattern={re.escape(module): rank for module, rank in ranks.items()},
+            alpha_pattern={re.escape(module): rank for module, rank in ranks.items()},
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's note that the model already holds another adapter
+            inject_adapter_in_model(config, model, adapter_name=name)
+        weights = {}
+        for module, (down, up) in part.modules.items():
+            weights[f"{module}.lora_A.weight"] = down
+            weights[f"{module}.lora_B.weight"] = up
+        result = set_peft_model_state_dict(model, weights, adapter_name=name)
+        missing = [key for key in getattr(result, "missing_keys", []) if f".{name}." in key and "lora_" in key]
+        if missing:
+            raise LoraFormatError(f"the {attribute} adapter could not be placed: {', '.join(missing[:3])}")
+
+    def unload(self) -> None:
+        """peft's layers out, the original modules back: the base encoders' exact outputs."""
+        for model in self.models.values():
+            if getattr(model, "peft_config", None) is not None or any(
+                isinstance(module, LoraLayer) for module in model.modules()
+            ):
+                recurse_remove_peft_layers(model)
+                if getattr(model, "peft_config", None) is not None:
+                    del model.peft_config
+                model._hf_peft_config_loaded = None
+        self.adapters = {}
+        self.loaded_keys = ()

@@ -22,6 +22,7 @@ import torch
 from diffusers import FluxPipeline
 
 from errors import LoraFormatError
+from lora_loading.text_encoders import split_text_encoder_keys, text_encoder_loras
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +68,23 @@ def check_lora_matches(
 ) -> dict[str, torch.Tensor]:
     """Convert to diffusers' layout and check every LoRA pair against the transformer.
 
-    Returns what to load: the transformer part of the converted state dict, with its
-    alphas. Text-encoder keys are dropped with a warning: the text encoders are shared
-    between dev and schnell, so a LoRA on them would leak from one model's state into the
-    other's.
+    Returns what to load into the transformer: its part of the converted state dict, with its
+    alphas. The text encoders' tensors are matched and checked too (lora_loading/text_encoders.py),
+    but applied apart, as dev and schnell share the encoders; a file may hold only those.
     """
+    rest, text_encoder_part = split_text_encoder_keys(state_dict)
+    encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
+    text_encoder_loras(text_encoder_part, encoders, input_name)
+    if not rest and text_encoder_part:
+        return {}
     try:
-        converted, alphas = FluxPipeline.lora_state_dict(comfyui_peft_to_kohya(state_dict), return_alphas=True)
+        converted, alphas = FluxPipeline.lora_state_dict(comfyui_peft_to_kohya(rest), return_alphas=True)
     except Exception as error:
         raise LoraFormatError(
             f"Invalid {input_name}: this file is not a FLUX LoRA in any supported format "
             f"(diffusers/PEFT, kohya, ComfyUI, CivitAI mixture, XLabs); first keys: {_first_keys(state_dict)}."
         ) from error
     transformer_part = {k: v for k, v in converted.items() if k.startswith("transformer.")}
-    dropped = len(converted) - len(transformer_part)
-    if dropped:
-        log.warning("%s: dropped %d text-encoder LoRA tensors; only the transformer is adapted.", input_name, dropped)
 
     modules = dict(pipeline.transformer.named_modules())
     if "time_text_embed.guidance_embedder.linear_1" not in modules and any(

@@ -132,4 +132,4 @@ class LoraSlots:
 
 def _rank(factors: Factors) -> int:
     """The rows a LoRA takes in the slot: its widest layer's rank."""
-    return max(down.shape[0] for down, _ in factors.values())
+    return max((down.shape[0] for down, _ in factors.values()), default=0)  # 0: the file adapts only text encoders

@@ -206,6 +206,21 @@ def test_fast_lora_semantics_and_exact_restoration(
     assert png(fresh, go_fast=True) == base
 
 
+def test_go_fast_requests_take_text_encoder_loras_too(fast_predictor: Any, tmp_path: Path) -> None:
+    """go_fast quantizes only the transformer; the shared encoders take a LoRA's text-encoder part,
+    with the transformer part in the slot, and give it back exactly."""
+    from tests.test_text_encoder_loras import as_uri, encoders, pairs, write
+
+    clip = encoders(fast_predictor)["text_encoder"]
+    text_only = as_uri(write("kohya lora_te1_", pairs(clip, seed=21)), tmp_path, "te")
+    base = png(fast_predictor, go_fast=True)
+    adapted = png(fast_predictor, go_fast=True, replicate_weights=text_only)
+    assert adapted != base
+    assert png(fast_predictor, go_fast=True, replicate_weights=text_only, lora_scale=0) == base
+    assert png(fast_predictor, go_fast=True) == base
+    assert png(fast_predictor, go_fast=True, replicate_weights=text_only) == adapted
+
+
 def test_a_failed_fast_lora_changes_nothing(fast_predictor: Any, loras: dict, tmp_path: Path) -> None:
     styled = png(fast_predictor, go_fast=True, replicate_weights=data_uri(loras["style"]))
     broken = tmp_path / "broken.safetensors"

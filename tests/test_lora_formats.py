@@ -171,15 +171,15 @@ def test_kohya_alpha_scales_the_lora(predictor: Any, tensors: dict, tmp_path: Pa
     assert image(predictor, data_uri_of(kohya_layout(tensors, alpha=RANK / 2), tmp_path, "kohya-half")) == expected
 
 
-def test_text_encoder_keys_are_dropped_with_a_warning(
-    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_text_encoder_keys_in_a_kohya_file_now_apply(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path
 ) -> None:
+    """They were dropped with a warning before; tests/test_text_encoder_loras.py has the details."""
     state_dict = kohya_layout(tensors)
     state_dict["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.ones(RANK, 32)
     state_dict["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.ones(32, RANK)
-    with caplog.at_level(logging.WARNING):
-        assert image(predictor, data_uri_of(state_dict, tmp_path, "with-te")) == reference
-    assert "replicate_weights: dropped 2 text-encoder LoRA tensors" in caplog.text
+    assert image(predictor, data_uri_of(state_dict, tmp_path, "with-te")) != reference
+    assert image(predictor, data_uri_of(kohya_layout(tensors), tmp_path, "without-te")) == reference
 
 
 def test_partly_matching_lora_applies_what_matches_and_warns(
