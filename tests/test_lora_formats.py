@@ -3,7 +3,6 @@ layout: each file below is written from one set of PEFT tensors, so the bytes mu
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +94,21 @@ def comfyui_layout(t: dict[str, torch.Tensor], peft_names: bool) -> dict[str, to
 
 
 def mixture_layout(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CivitAI's "mixture": diffusers module names flattened with underscores, kohya suffixes.
-    Its diffusers converter maps attention layers only, so the LoRA here is attention only."""
+    """CivitAI's "mixture": diffusers module names flattened with underscores, kohya suffixes. diffusers'
+    converter maps its attention layers only; ours maps every layer, the MLP and single blocks here."""
     q_up, k_up, v_up = t["qkv_up"].split(32)
     pairs = {
-        "to_q": (t["qkv_down"], q_up),
-        "to_k": (t["qkv_down"], k_up),
-        "to_v": (t["qkv_down"], v_up),
-        "to_out_0": (t["proj_down"], t["proj_up"]),
-        "to_add_out": (t["txt_proj_down"], t["txt_proj_up"]),
+        "transformer_blocks_0_attn_to_q": (t["qkv_down"], q_up),
+        "transformer_blocks_0_attn_to_k": (t["qkv_down"], k_up),
+        "transformer_blocks_0_attn_to_v": (t["qkv_down"], v_up),
+        "transformer_blocks_0_attn_to_out_0": (t["proj_down"], t["proj_up"]),
+        "transformer_blocks_0_attn_to_add_out": (t["txt_proj_down"], t["txt_proj_up"]),
+        "transformer_blocks_0_ff_net_2": (t["mlp_down"], t["mlp_up"]),
+        "single_transformer_blocks_0_proj_out": (t["single_down"], t["single_up"]),
     }
     state_dict = {}
     for layer, (down, up) in pairs.items():
-        prefix = f"lora_transformer_transformer_blocks_0_attn_{layer}"
+        prefix = f"lora_transformer_{layer}"
         state_dict[f"{prefix}.lora_down.weight"] = down
         state_dict[f"{prefix}.lora_up.weight"] = up
         state_dict[f"{prefix}.alpha"] = torch.tensor(float(RANK))
@@ -160,10 +161,15 @@ def test_layout_gives_the_same_image_as_peft(
     assert image(predictor, data_uri_of(layout(tensors), tmp_path, "lora")) == expected
 
 
-def test_mixture_layout_gives_the_same_image_as_peft(predictor: Any, tensors: dict, tmp_path: Path) -> None:
-    attention_only = without(peft_layout(tensors), "ff.net.2", "proj_out")
-    expected = image(predictor, data_uri_of(attention_only, tmp_path, "peft"))
-    assert image(predictor, data_uri_of(mixture_layout(tensors), tmp_path, "mixture")) == expected
+def test_mixture_layout_gives_the_same_image_as_peft(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path
+) -> None:
+    assert image(predictor, data_uri_of(mixture_layout(tensors), tmp_path, "mixture")) == reference
+    with_alpha = {k: (torch.tensor(2.0) if k.endswith(".alpha") else v) for k, v in mixture_layout(tensors).items()}
+    halved = peft_layout(tensors, scale_down=0.5)
+    assert image(predictor, data_uri_of(with_alpha, tmp_path, "alpha")) == image(
+        predictor, data_uri_of(halved, tmp_path, "halved")
+    )
 
 
 def test_kohya_alpha_scales_the_lora(predictor: Any, tensors: dict, tmp_path: Path) -> None:
@@ -182,15 +188,43 @@ def test_text_encoder_keys_in_a_kohya_file_now_apply(
     assert image(predictor, data_uri_of(kohya_layout(tensors), tmp_path, "without-te")) == reference
 
 
-def test_partly_matching_lora_applies_what_matches_and_warns(
-    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_partly_matching_lora_is_refused_and_changes_nothing(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path
 ) -> None:
+    """It used to apply what matched with a log line; part of a LoRA is another LoRA."""
     state_dict = peft_layout(tensors)
     state_dict["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = torch.ones(RANK, 32)
     state_dict["transformer.transformer_blocks.7.attn.to_q.lora_B.weight"] = torch.ones(32, RANK)
-    with caplog.at_level(logging.WARNING):
-        assert image(predictor, data_uri_of(state_dict, tmp_path, "partial")) == reference
-    assert "replicate_weights: 2 of 16 LoRA tensors match no FLUX.1 layer and are ignored." in caplog.text
+    with pytest.raises(InputError) as caught:
+        image(predictor, data_uri_of(state_dict, tmp_path, "partial"))
+    assert str(caught.value).startswith(
+        "Invalid replicate_weights: 2 of its 16 LoRA tensors match no FLUX.1 layer, so it was trained for another "
+        "model; first: transformer.transformer_blocks.7.attn.to_q.lora_A.weight"
+    )
+    assert image(predictor, data_uri_of(peft_layout(tensors), tmp_path, "whole")) == reference
+
+
+@pytest.mark.parametrize(
+    ("extra", "kind"),
+    [
+        ({"lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.ones(32)}, "bias deltas (.diff_b)"),
+        ({"lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)}, "full weight deltas (.diff)"),
+        ({"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}, "DoRA magnitudes (.dora_scale)"),
+        ({"lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(32, 2)}, "LyCORIS LoHa (hada_*)"),
+        ({"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(4, 4)}, "LyCORIS LoKr (lokr_*)"),
+    ],
+    ids=["diff_b", "diff", "DoRA", "LoHa", "LoKr"],
+)
+def test_a_file_with_tensor_kinds_we_cannot_apply_is_refused_by_kind(
+    predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, extra: dict, kind: str
+) -> None:
+    """diffusers drops these with at most a log line, and applies the rest: a different model."""
+    with pytest.raises(InputError) as caught:
+        image(predictor, data_uri_of({**kohya_layout(tensors), **extra}, tmp_path, "strange"))
+    message = str(caught.value)
+    assert message.startswith("Invalid replicate_weights: it holds tensors of kinds this predictor cannot apply yet")
+    assert kind in message and next(iter(extra)) in message
+    assert image(predictor, data_uri_of(kohya_layout(tensors), tmp_path, "plain")) == reference
 
 
 def test_dev_lora_with_guidance_layers_is_refused_on_schnell(predictor: Any, tensors: dict, tmp_path: Path) -> None:
@@ -209,3 +243,62 @@ def test_unknown_layout_is_refused_with_its_first_keys(predictor: Any, tmp_path:
     state_dict = {"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.ones(RANK, 8)}
     with pytest.raises(InputError, match=r"^Invalid replicate_weights: this file is not a FLUX LoRA in any supported"):
         image(predictor, data_uri_of(state_dict, tmp_path, "sdxl"))
+
+
+# kohya names (BFL's modules) of the layers diffusers' converter maps outside the attention and
+# MLP blocks, with the diffusers module each becomes: embedders, final layer and modulations.
+EMBEDDERS_AND_FINAL_LAYER = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+    "final_layer_linear": "proj_out",
+    "double_blocks_0_img_mod_lin": "transformer_blocks.0.norm1.linear",
+    "double_blocks_0_txt_mod_lin": "transformer_blocks.0.norm1_context.linear",
+    "single_blocks_0_modulation_lin": "single_transformer_blocks.0.norm.linear",
+}
+
+
+@pytest.mark.parametrize("bfl_name", EMBEDDERS_AND_FINAL_LAYER)
+def test_embedder_final_layer_and_modulation_loras_apply_as_their_peft_equivalent(
+    predictor: Any, tmp_path: Path, bfl_name: str
+) -> None:
+    """Alone in a kohya file (in_dims, "train all layers", ComfyUI extracts), each family changes the image,
+    exactly as the same pair on the diffusers module does. diffusers 0.42 used to drop the embedders and the
+    final layer. BFL's final layer gives (shift, scale) where diffusers' norm_out wants (scale, shift)."""
+    module_name = EMBEDDERS_AND_FINAL_LAYER[bfl_name]
+    layer = dict(predictor.engine.models["dev"].text_to_image.transformer.named_modules())[module_name]
+    layer = getattr(layer, "base_layer", layer)
+    generator = torch.Generator().manual_seed(5)
+    down = torch.randn(RANK, layer.in_features, generator=generator) * 0.5
+    up = torch.randn(layer.out_features, RANK, generator=generator) * 0.5
+    kohya = {
+        f"lora_unet_{bfl_name}.lora_down.weight": down,
+        f"lora_unet_{bfl_name}.lora_up.weight": up,
+        f"lora_unet_{bfl_name}.alpha": torch.tensor(float(RANK)),
+    }
+    if bfl_name == "final_layer_adaLN_modulation_1":
+        shift, scale = up.chunk(2)
+        up = torch.cat([scale, shift])
+    peft = {f"transformer.{module_name}.lora_A.weight": down, f"transformer.{module_name}.lora_B.weight": up}
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    from_kohya = image(predictor, data_uri_of(kohya, tmp_path, "kohya"))
+    assert from_kohya != base
+    assert image(predictor, data_uri_of(peft, tmp_path, "peft")) == from_kohya
+
+
+def test_a_dev_lora_with_guidance_embedder_layers_in_kohya_names_is_refused_on_schnell(
+    predictor: Any, tmp_path: Path
+) -> None:
+    """Before, diffusers' converter dropped these silently and schnell ran the rest."""
+    state_dict = {
+        "lora_unet_guidance_in_in_layer.lora_down.weight": torch.ones(RANK, 256),
+        "lora_unet_guidance_in_in_layer.lora_up.weight": torch.ones(32, RANK),
+    }
+    with pytest.raises(InputError, match="FLUX.1 schnell does not have"):
+        image(predictor, data_uri_of(state_dict, tmp_path, "guidance"), model="schnell")
