@@ -174,6 +174,12 @@ def check_lora_matches(
             continue
         expected = module.in_features if suffix == ".lora_A.weight" else module.out_features
         got = tensor.shape[1] if suffix == ".lora_A.weight" else tensor.shape[0]
+        if got != expected and key.startswith("transformer.x_embedder.") and got == 2 * expected:
+            raise LoraFormatError(
+                f"Invalid {input_name}: this is a FLUX.1 Canny or Depth control LoRA: it widens the image input "
+                f"to {got} channels to take a control image, which this predictor does not take; use a style "
+                "or subject LoRA."
+            )
         if got != expected:
             raise LoraFormatError(
                 f"Invalid {input_name}: tensor {key} has {got} features where this FLUX.1 model's layer has "

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from errors import LoraFormatError
 from lora_loading.formats import check_lora_matches
 from lora_loading.text_encoders import text_encoder_loras
 
@@ -198,3 +199,11 @@ def test_the_counts_are_flux_s_own(flux: Any) -> None:
     kohya = kohya_bfl("lora_unet_", "_", "lora_down.weight", "lora_up.weight", in_dims=False)
     assert len([key for key in kohya if key.endswith(".lora_down.weight")]) == 304
     assert len(linear_names(flux.text_encoder)) + len(linear_names(flux.text_encoder_2)) == 240
+
+
+def test_a_bfl_control_lora_is_refused_as_what_it_is(flux: Any) -> None:
+    """BFL's Canny/Depth LoRAs widen x_embedder from 64 to 128 input channels for the control image."""
+    control = peft(flux)
+    control["transformer.x_embedder.lora_A.weight"] = torch.empty(RANK, 128, device="meta")
+    with pytest.raises(LoraFormatError, match="this is a FLUX.1 Canny or Depth control LoRA"):
+        check_lora_matches(flux, control, "replicate_weights")
