@@ -24,8 +24,8 @@ from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
-from lora_loading.adapters import TextEncoderLoras
-from lora_loading.formats import check_lora_matches, read_lora
+from lora_loading.adapters import BiasDeltas, TextEncoderLoras
+from lora_loading.formats import check_lora_matches, has_bias_deltas, read_lora
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora
@@ -94,9 +94,10 @@ class Engine:
         )
         self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
         for name, model in self.models.items():
-            self.loras[name, False] = LoraAdapters(model.text_to_image)
+            biases = BiasDeltas()  # the fast copy shares the bf16 biases: one state for both paths
+            self.loras[name, False] = LoraAdapters(model.text_to_image, biases)
             if model.fast_pipelines:
-                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE])
+                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE], biases)
         self.lora_cache = LoraCache.from_env()
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
         self._explained_go_fast = False
@@ -128,10 +129,20 @@ class Engine:
     def predict(self, request: Request) -> list[Path]:
         clear_folder(self.output_folder)
         model = self.models[request.model]
+        wanted = _unique_loras(request.loras)
+        with timed("fetching LoRAs", self.device):
+            paths = [fetch_lora(lora.input_name, lora.source, self.lora_cache) for lora in wanted]
         fast = request.go_fast and model.fast_pipelines is not None
         if request.go_fast and not fast and not self._explained_go_fast:
             log.info("go_fast: %s; running the standard path.", self.fast_unavailable)
             self._explained_go_fast = True
+        if fast and any(map(has_bias_deltas, paths)):
+            # The fp8 copy's LoRA slot holds LoRA pairs only; the bf16 model takes bias deltas exactly.
+            log.info(
+                "go_fast: a LoRA of this request has bias deltas (.diff_b), which the fast path cannot "
+                "hold; this request runs the standard path."
+            )
+            fast = False
         pipeline = model.pipeline(request.mode, fast)
         self.make_resident(model)
         seed = request.seed if request.seed is not None else random_seed()
@@ -148,7 +159,7 @@ class Engine:
         )
 
         with timed("loading LoRAs", self.device, "lora_load_time"):
-            self._apply_loras(request, fast)
+            self._apply_loras(wanted, paths, request.model, fast)
 
         text_encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
         with timed("text encoding", self.device, "text_encoding_time"), self.offload.running(**text_encoders):
@@ -214,11 +225,9 @@ class Engine:
             self.models["dev"].text_to_image, read_lora(LoraFile(input_name, source, path, 1.0)), input_name
         )
 
-    def _apply_loras(self, request: Request, fast: bool) -> None:
-        """Fetch first, then apply: a failed download leaves the model untouched. The request's files are
+    def _apply_loras(self, wanted: list[LoraRequest], paths: list[Path], model: str, fast: bool) -> None:
+        """Fetched first, then applied: a failed download leaves the model untouched. The request's files are
         held while it loads them and kept by the cache's eviction, which runs once they are all here."""
-        wanted = _unique_loras(request.loras)
-        paths = [fetch_lora(lora.input_name, lora.source, self.lora_cache) for lora in wanted]
         with ExitStack() as held:
             try:
                 held.enter_context(self.lora_cache.in_use(paths))
@@ -235,7 +244,7 @@ class Engine:
             ]
             try:
                 self.text_encoder_loras.apply(files)
-                self.loras[request.model, fast].apply(files)
+                self.loras[model, fast].apply(files)
             except BaseException:
                 self.text_encoder_loras.unload()  # nothing of a failed request stays applied
                 raise

@@ -23,10 +23,39 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from errors import LoraFormatError
-from lora_loading.formats import LoraFile, check_lora_matches, read_lora
+from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_bias_deltas
 from lora_loading.text_encoders import EncoderLora, text_encoder_loras
 
 log = logging.getLogger(__name__)
+
+
+class BiasDeltas:
+    """Bias deltas (`.diff_b`) added in place, and the exact original biases kept to put back.
+
+    One per transformer: its go_fast copy shares the bf16 biases, so both paths of a model see
+    what this holds, and each request sets it (the fast path to nothing)."""
+
+    def __init__(self) -> None:
+        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def set(self, deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """(bias, delta, scale) each: bias = original + scale x delta; nothing given: the originals."""
+        self.restore()
+        for bias, delta, scale in deltas:
+            self.originals.setdefault(id(bias), (bias, bias.detach().clone()))
+            bias.add_(delta.to(bias.device, bias.dtype), alpha=scale)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for bias, original in self.originals.values():
+            bias.copy_(original)
+        self.originals = {}
+
+
+def _bias_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    return getattr(module, "base_layer", module).bias
 
 
 class LoraAdapters:
@@ -35,10 +64,12 @@ class LoraAdapters:
     Transformer-level calls only: the pipeline-level ones (`set_adapters`, `unload_lora_weights`)
     also act on the text encoders, which both models share and TextEncoderLoras keeps."""
 
-    def __init__(self, pipeline: FluxPipeline):
+    def __init__(self, pipeline: FluxPipeline, biases: BiasDeltas | None = None):
         self.pipeline = pipeline
+        self.biases = biases or BiasDeltas()
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
+        self.bias_deltas: list[tuple[int, dict[str, torch.Tensor]]] = []  # (index of its LoRA, deltas by module)
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -49,16 +80,28 @@ class LoraAdapters:
             self.pipeline.transformer.set_adapters(
                 [name for name, _ in self.adapters], [loras[index].scale for _, index in self.adapters]
             )
+        transformer = self.pipeline.transformer
+        self.biases.set(
+            [
+                (_bias_of(transformer, module), delta, loras[index].scale)
+                for index, deltas in self.bias_deltas
+                for module, delta in deltas.items()
+            ]
+        )
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()
         try:
             for index, lora in enumerate(loras):
-                transformer_part = check_lora_matches(self.pipeline, read_lora(lora), lora.input_name)
-                if transformer_part:  # empty for a file that adapts only the text encoders
+                state_dict = read_lora(lora)
+                transformer_part = check_lora_matches(self.pipeline, state_dict, lora.input_name)
+                if transformer_part:  # empty for a file that adapts only the text encoders or biases
                     name = f"lora_{index}"
                     self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
                     self.adapters.append((name, index))
+                deltas = transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name)
+                if deltas:
+                    self.bias_deltas.append((index, deltas))
         except BaseException:
             # All-or-nothing: peft removes its layers and restores the original modules,
             # so the transformer is bit-for-bit the base model again.
@@ -69,7 +112,9 @@ class LoraAdapters:
     def unload(self) -> None:
         if self.loaded_keys or getattr(self.pipeline.transformer, "peft_config", None):
             self.pipeline.transformer.unload_lora()
+        self.biases.restore()
         self.adapters = []
+        self.bias_deltas = []
         self.loaded_keys = ()
 
 
@@ -80,6 +125,8 @@ class TextEncoderLoras:
         self.models = models  # by attribute: text_encoder, text_encoder_2
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: dict[str, list[tuple[str, int]]] = {}  # by encoder: (adapter name, index of its LoRA)
+        self.bias_deltas: list[tuple[str, int, dict[str, torch.Tensor]]] = []  # (encoder, LoRA index, deltas)
+        self.biases = BiasDeltas()
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -91,15 +138,25 @@ class TextEncoderLoras:
                     for name, index in adapters:
                         if name in module.scaling:
                             module.set_scale(name, loras[index].scale)
+        self.biases.set(
+            [
+                (_bias_of(self.models[attribute], module), delta, loras[index].scale)
+                for attribute, index, deltas in self.bias_deltas
+                for module, delta in deltas.items()
+            ]
+        )
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()
         try:
             for index, lora in enumerate(loras):
                 for attribute, part in text_encoder_loras(read_lora(lora), self.models, lora.input_name).items():
-                    name = f"text_lora_{index}"
-                    self._inject(attribute, name, part)
-                    self.adapters.setdefault(attribute, []).append((name, index))
+                    if part.modules:
+                        name = f"text_lora_{index}"
+                        self._inject(attribute, name, part)
+                        self.adapters.setdefault(attribute, []).append((name, index))
+                    if part.biases:
+                        self.bias_deltas.append((attribute, index, part.biases))
             for attribute, adapters in self.adapters.items():
                 names = [name for name, _ in adapters]
                 for module in self.models[attribute].modules():
@@ -145,5 +202,7 @@ class TextEncoderLoras:
                 if getattr(model, "peft_config", None) is not None:
                     del model.peft_config
                 model._hf_peft_config_loaded = None
+        self.biases.restore()
         self.adapters = {}
+        self.bias_deltas = []
         self.loaded_keys = ()

@@ -13,20 +13,57 @@ XLabs; diffusers/PEFT files (ai-toolkit) need no conversion. What we add:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from diffusers import FluxPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
-from lora_loading.text_encoders import split_text_encoder_keys, text_encoder_loras
+from lora_loading.text_encoders import encoder_of, split_text_encoder_keys, text_encoder_loras
 
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+BIAS_DELTA = ".diff_b"  # ComfyUI's bias delta (its extract node's default): bias += scale x delta
+# BFL's module names (kohya and ComfyUI files) for the diffusers modules that hold their biases. A fused
+# BFL layer's bias is split in the order of its parts, by their widths; BFL's final layer gives
+# (shift, scale) where diffusers' norm_out wants (scale, shift).
+BFL_DOUBLE = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+BFL_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+BFL_OTHER = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
 
 
 @dataclass(frozen=True)
@@ -38,13 +75,55 @@ class LoraFile:
 
 
 def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """Only safetensors are ever deserialised: a pickle can run code on load."""
+    """Only safetensors are ever deserialised: a pickle can run code on load. An alpha kept only in the
+    file's metadata is folded into the tensors here (`metadata_alphas`)."""
     try:
-        return safetensors.torch.load_file(str(lora.path))
+        state_dict = safetensors.torch.load_file(str(lora.path))
+        with safetensors.safe_open(str(lora.path), framework="pt") as opened:
+            metadata = opened.metadata() or {}
     except Exception as error:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
+    return metadata_alphas(state_dict, metadata, lora.input_name)
+
+
+def metadata_alphas(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], input_name: str
+) -> dict[str, torch.Tensor]:
+    """diffusers' own saves (0.34 on, and SimpleTuner through them) keep each component's peft config in the
+    header (`lora_adapter_metadata`: `transformer.lora_alpha`, `.alpha_pattern`, `.use_rslora`, ...), not as
+    `.alpha` tensors; diffusers reads it only when it opens the file itself. So its scale, lora_alpha / r
+    (or / sqrt(r) with rsLoRA), is folded into each lora_A here."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return state_dict
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoraFormatError(f"Invalid {input_name}: its lora_adapter_metadata is not JSON.") from None
+    scaled = dict(state_dict)
+    for component in ("transformer", "text_encoder", "text_encoder_2", "unet"):
+        alpha = config.get(f"{component}.lora_alpha")
+        if alpha is None:
+            continue
+        if config.get(f"{component}.use_dora"):
+            raise LoraFormatError(f"Invalid {input_name}: it is a DoRA, which this predictor cannot apply yet.")
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        rslora = bool(config.get(f"{component}.use_rslora"))
+        for key, tensor in state_dict.items():
+            if not (key.startswith(f"{component}.") and key.endswith(".lora_A.weight")):
+                continue
+            module = key[len(component) + 1 : -len(".lora_A.weight")]
+            if f"{component}.{module}.alpha" in state_dict:
+                continue  # an explicit alpha tensor wins, as in diffusers' loader
+            # peft's own matching of alpha_pattern keys: the pattern at the end of the module's name.
+            found = next(
+                (value for pattern, value in patterns.items() if re.match(rf"(.*\.)?({pattern})$", module)), alpha
+            )
+            rank = tensor.shape[0]
+            scaled[key] = tensor.float() * (float(found) / (math.sqrt(rank) if rslora else rank))
+    return scaled
 
 
 def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,7 +145,6 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # Tensor kinds outside plain LoRA pairs and alphas, which no converter here applies yet: a file holding
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
-    ".diff_b": "bias deltas (.diff_b)",
     ".diff": "full weight deltas (.diff)",
     ".dora_scale": "DoRA magnitudes (.dora_scale)",
     ".lora_magnitude_vector": "DoRA magnitudes (.lora_magnitude_vector)",
@@ -74,7 +152,15 @@ UNSUPPORTED_KINDS = {
     ".lokr_": "LyCORIS LoKr (lokr_*)",
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
 }
-PLAIN_SUFFIXES = (*LORA_WEIGHT_SUFFIXES, ".lora_down.weight", ".lora_up.weight", ".alpha", ".down.weight", ".up.weight")
+PLAIN_SUFFIXES = (
+    *LORA_WEIGHT_SUFFIXES,
+    ".lora_down.weight",
+    ".lora_up.weight",
+    ".alpha",
+    ".down.weight",
+    ".up.weight",
+    BIAS_DELTA,
+)
 
 
 def refuse_unsupported_kinds(state_dict: dict[str, torch.Tensor], input_name: str) -> None:
@@ -86,6 +172,79 @@ def refuse_unsupported_kinds(state_dict: dict[str, torch.Tensor], input_name: st
             f"({', '.join(kinds) or 'unknown'}), and applying the rest would be another LoRA; "
             f"first: {', '.join(strange[:3])}."
         )
+
+
+def _bfl_targets(name: str) -> tuple[str, ...] | None:
+    """The diffusers modules a BFL module name (dots) stands for, in the order its outputs are fused."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "double_blocks" and parts[2] in BFL_DOUBLE:
+        return tuple(f"transformer_blocks.{parts[1]}.{target}" for target in BFL_DOUBLE[parts[2]])
+    if len(parts) == 3 and parts[0] == "single_blocks" and parts[2] in BFL_SINGLE:
+        return tuple(f"single_transformer_blocks.{parts[1]}.{target}" for target in BFL_SINGLE[parts[2]])
+    return (BFL_OTHER[name],) if name in BFL_OTHER else None
+
+
+def _kohya_to_bfl(flat: str) -> str | None:
+    """`double_blocks_0_img_attn_qkv` -> `double_blocks.0.img_attn.qkv`, by the names BFL's modules have."""
+    for bfl in [
+        *BFL_OTHER,
+        *(f"double_blocks.#.{n}" for n in BFL_DOUBLE),
+        *(f"single_blocks.#.{n}" for n in BFL_SINGLE),
+    ]:
+        pattern = bfl.replace(".", "_").replace("#", r"(\d+)")
+        found = re.fullmatch(pattern, flat)
+        if found:
+            return bfl.replace("#", found[1]) if found.groups() else bfl
+    return None
+
+
+def has_bias_deltas(path: Path) -> bool:
+    """Whether a LoRA file holds transformer bias deltas; reads the file's header only."""
+    with safetensors.safe_open(str(path), framework="pt") as opened:
+        return any(key.endswith(BIAS_DELTA) and not encoder_of(key) for key in opened.keys())  # noqa: SIM118
+
+
+def transformer_bias_deltas(
+    state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
+) -> dict[str, torch.Tensor]:
+    """A file's `.diff_b` bias deltas, by the diffusers module whose bias each adds to.
+
+    diffusers' converters drop them (with a log line at most), so this maps them itself: BFL names
+    (`diffusion_model.`, kohya `lora_unet_`) through the table above, diffusers names as they are."""
+    modules = dict(transformer.named_modules())
+    deltas: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, delta in state_dict.items():
+        if not key.endswith(BIAS_DELTA) or encoder_of(key):
+            continue
+        name = key[: -len(BIAS_DELTA)]
+        bfl = None
+        if name.startswith("diffusion_model."):
+            bfl = name.removeprefix("diffusion_model.")
+        elif name.startswith("lora_unet_"):
+            bfl = _kohya_to_bfl(name.removeprefix("lora_unet_")) or "?"
+        targets = _bfl_targets(bfl) if bfl else (name.removeprefix("transformer."),)
+        layers = [getattr(modules.get(target), "base_layer", modules.get(target)) for target in targets or ()]
+        if not targets or not all(isinstance(layer, torch.nn.Linear) and layer.bias is not None for layer in layers):
+            unmatched.append(key)
+            continue
+        widths = [layer.out_features for layer in layers]
+        if delta.ndim != 1 or delta.shape[0] != sum(widths):
+            raise LoraFormatError(
+                f"Invalid {input_name}: the bias delta {key} has {tuple(delta.shape)} values where this FLUX.1 "
+                f"model's layer has {sum(widths)}; the LoRA was trained for a different model."
+            )
+        if bfl == "final_layer.adaLN_modulation.1":
+            shift, scale = delta.chunk(2)
+            delta = torch.cat([scale, shift])
+        for target, piece in zip(targets, delta.float().split(widths), strict=True):
+            deltas[target] = piece
+    if unmatched:
+        raise LoraFormatError(
+            f"Invalid {input_name}: {len(unmatched)} of its bias deltas (.diff_b) match no FLUX.1 layer with a "
+            f"bias, so it was trained for another model; first: {', '.join(unmatched[:3])}."
+        )
+    return deltas
 
 
 def mixture_to_peft(
@@ -139,6 +298,10 @@ def check_lora_matches(
     if not rest and text_encoder_part:
         return {}
     refuse_unsupported_kinds(rest, input_name)
+    biases = transformer_bias_deltas(rest, pipeline.transformer, input_name)
+    rest = {key: tensor for key, tensor in rest.items() if not key.endswith(BIAS_DELTA)}
+    if not rest and (text_encoder_part or biases):
+        return {}
     rest = mixture_to_peft(rest, pipeline.transformer, input_name)
     try:
         converted, alphas = FluxPipeline.lora_state_dict(comfyui_peft_to_kohya(rest), return_alphas=True)

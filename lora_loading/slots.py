@@ -26,7 +26,8 @@ import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig
 
-from lora_loading.formats import LoraFile, check_lora_matches, read_lora
+from lora_loading.adapters import BiasDeltas
+from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_bias_deltas
 
 log = logging.getLogger(__name__)
 SLOT = "slot"
@@ -67,13 +68,17 @@ def lora_factors(to_load: dict[str, torch.Tensor]) -> Factors:
 class LoraSlots:
     """The LoRA state of one fast pipeline; the same `apply` as LoraAdapters."""
 
-    def __init__(self, pipeline: FluxPipeline):
+    def __init__(self, pipeline: FluxPipeline, biases: BiasDeltas | None = None):
         self.pipeline = pipeline
+        # Shared with the model's standard path (the fast copy shares its biases): a go_fast request
+        # wants the original biases, so it puts back whatever a standard-path request added.
+        self.biases = biases or BiasDeltas()
         self.factors: dict[str, Factors] = {}  # by source key: a scale change reads no file
         self.written: tuple[tuple[str, float], ...] | None = None  # what the slot holds
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         transformer = self.pipeline.transformer
+        self.biases.restore()
         if not loras:
             transformer.disable_adapters()
             return
@@ -103,7 +108,11 @@ class LoraSlots:
 
     def _factors(self, lora: LoraFile) -> Factors:
         if lora.key not in self.factors:
-            to_load = check_lora_matches(self.pipeline, read_lora(lora), lora.input_name)
+            state_dict = read_lora(lora)
+            to_load = check_lora_matches(self.pipeline, state_dict, lora.input_name)
+            if transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name):
+                # The engine sends these to the standard path (needs_standard_path); the slot has no bias.
+                raise RuntimeError(f"{lora.input_name}: bias deltas reached the go_fast LoRA slot")
             self.factors[lora.key] = lora_factors(to_load)
         return self.factors[lora.key]
 

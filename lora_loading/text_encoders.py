@@ -16,8 +16,9 @@ Layouts, per encoder (kohya names are flattened module paths, the others dotted)
 - CLIP-L: kohya `lora_te1_` / `lora_te_`, diffusers `text_encoder.`, ComfyUI `text_encoders.clip_l.transformer.`;
 - T5-XXL: kohya `lora_te3_`, OneTrainer `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
   `text_encoders.t5xxl.transformer.`.
-Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B) and
-`.alpha`. Anything else under an encoder's prefix refuses the file, naming the keys.
+Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B),
+`.alpha` and `.diff_b` (bias deltas). Anything else under an encoder's prefix refuses the file,
+naming the keys.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ PARTS = {
     ".lora_up.weight": "B",
     ".lora_B.weight": "B",
     ".alpha": "alpha",
+    ".diff_b": "bias",  # ComfyUI's bias delta: bias += scale x delta
 }
 
 
 @dataclass
 class EncoderLora:
-    """One file's LoRA for one encoder: per module, (A with alpha/rank folded in, B)."""
+    """One file's LoRA for one encoder: per module, (A with alpha/rank folded in, B); and bias deltas."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def encoder_of(key: str) -> tuple[Encoder, str, bool] | None:
@@ -121,6 +124,15 @@ def text_encoder_loras(
             unmatched.append(f"{name} ({encoder.label})")
             continue
         module = layers[encoder.attribute][module_name]
+        if "bias" in parts:
+            if module.bias is None or parts["bias"].shape != module.bias.shape:
+                raise LoraFormatError(
+                    f"Invalid {input_name}: the bias delta for the {encoder.label} layer {module_name} does not fit "
+                    "its bias; it was trained for another text encoder."
+                )
+            loras.setdefault(encoder.attribute, EncoderLora()).biases[module_name] = parts["bias"].float()
+            if not parts.keys() - {"bias"}:
+                continue
         if "A" not in parts or "B" not in parts:
             raise LoraFormatError(
                 f"Invalid {input_name}: the {encoder.label} layer {module_name} has only half of a LoRA pair."

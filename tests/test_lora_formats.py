@@ -3,6 +3,7 @@ layout: each file below is written from one set of PEFT tensors, so the bytes mu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +208,12 @@ def test_a_partly_matching_lora_is_refused_and_changes_nothing(
 @pytest.mark.parametrize(
     ("extra", "kind"),
     [
-        ({"lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.ones(32)}, "bias deltas (.diff_b)"),
         ({"lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)}, "full weight deltas (.diff)"),
         ({"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}, "DoRA magnitudes (.dora_scale)"),
         ({"lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(32, 2)}, "LyCORIS LoHa (hada_*)"),
         ({"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(4, 4)}, "LyCORIS LoKr (lokr_*)"),
     ],
-    ids=["diff_b", "diff", "DoRA", "LoHa", "LoKr"],
+    ids=["diff", "DoRA", "LoHa", "LoKr"],
 )
 def test_a_file_with_tensor_kinds_we_cannot_apply_is_refused_by_kind(
     predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, extra: dict, kind: str
@@ -302,3 +302,101 @@ def test_a_dev_lora_with_guidance_embedder_layers_in_kohya_names_is_refused_on_s
     }
     with pytest.raises(InputError, match="FLUX.1 schnell does not have"):
         image(predictor, data_uri_of(state_dict, tmp_path, "guidance"), model="schnell")
+
+
+# ComfyUI's bias deltas, in BFL names: fused layers are split in the order of their parts.
+BIAS_DELTAS = {
+    "double_blocks.0.img_attn.qkv": [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_k",
+        "transformer_blocks.0.attn.to_v",
+    ],
+    "single_blocks.0.linear1": [
+        "single_transformer_blocks.0.attn.to_q",
+        "single_transformer_blocks.0.attn.to_k",
+        "single_transformer_blocks.0.attn.to_v",
+        "single_transformer_blocks.0.proj_mlp",
+    ],
+    "final_layer.adaLN_modulation.1": ["norm_out.linear"],
+    "img_in": ["x_embedder"],
+}
+
+
+def biases(predictor: Any) -> dict[str, torch.Tensor]:
+    transformer = predictor.engine.models["dev"].text_to_image.transformer
+    return {
+        name.removesuffix(".base_layer"): module.bias.detach().clone()  # under a LoRA, peft wraps the layer
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.bias is not None and ".lora_" not in name
+    }
+
+
+def bias_delta_file(predictor: Any, prefix: str, flatten: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A .diff_b per BFL layer above, and the delta each diffusers bias should get at scale 1."""
+    transformer = predictor.engine.models["dev"].text_to_image.transformer
+    generator = torch.Generator().manual_seed(9)
+    state_dict, expected = {}, {}
+    for bfl, targets in BIAS_DELTAS.items():
+        widths = [
+            getattr(transformer.get_submodule(t), "base_layer", transformer.get_submodule(t)).out_features
+            for t in targets
+        ]
+        delta = torch.randn(sum(widths), generator=generator)
+        name = bfl.replace(".", "_") if flatten else bfl
+        state_dict[f"{prefix}{name}.diff_b"] = delta
+        if bfl.startswith("final_layer"):
+            shift, scale = delta.chunk(2)
+            delta = torch.cat([scale, shift])
+        expected.update(zip(targets, delta.split(widths), strict=True))
+    return state_dict, expected
+
+
+def test_bias_deltas_add_scale_times_delta_and_come_back_exactly(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    originals = biases(predictor)
+    deltas, expected = bias_delta_file(predictor, "diffusion_model.", flatten=False)
+    source = data_uri_of({**comfyui_layout(tensors, peft_names=False), **deltas}, tmp_path, "comfy")
+    first = fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, lora_scale=0.7)[0]
+    changed = biases(predictor)
+    for name, original in originals.items():
+        want = original + 0.7 * expected[name] if name in expected else original
+        torch.testing.assert_close(changed[name], want, rtol=0, atol=1e-6, msg=name)
+    kohya_deltas, _ = bias_delta_file(predictor, "lora_unet_", flatten=True)
+    kohya = data_uri_of({**kohya_layout(tensors), **kohya_deltas}, tmp_path, "kohya")
+    assert fast(predictor, prompt="a cat", output_format="png", replicate_weights=kohya, lora_scale=0.7)[0] == first
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base
+    assert all(torch.equal(biases(predictor)[name], original) for name, original in originals.items())
+
+
+def test_a_file_of_bias_deltas_alone_applies(predictor: Any, tmp_path: Path) -> None:
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    deltas, _ = bias_delta_file(predictor, "diffusion_model.", flatten=False)
+    assert image(predictor, data_uri_of(deltas, tmp_path, "deltas")) != base
+    assert (
+        image(predictor, data_uri_of(deltas, tmp_path, "deltas"), model="schnell")
+        != fast(predictor, prompt="a cat", output_format="png", model="schnell")[0]
+    )
+
+
+def test_a_bias_delta_for_no_flux_layer_is_refused(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    state_dict = {**kohya_layout(tensors), "diffusion_model.double_blocks.7.img_attn.qkv.diff_b": torch.ones(96)}
+    with pytest.raises(InputError, match=re.escape("bias deltas (.diff_b) match no FLUX.1 layer with a bias")):
+        image(predictor, data_uri_of(state_dict, tmp_path, "bad"))
+
+
+def test_alpha_kept_only_in_diffusers_metadata_scales_the_lora(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    """Written by diffusers' own save_lora_weights, as its trainers and SimpleTuner save: lora_alpha and an
+    alpha_pattern in the header, no .alpha tensor. diffusers reads them only when it opens the file itself."""
+    from diffusers import FluxPipeline
+
+    layers = {key.removeprefix("transformer."): value for key, value in peft_layout(tensors).items()}
+    metadata = {"r": RANK, "lora_alpha": RANK / 2, "alpha_pattern": {"ff.net.2": RANK}}
+    FluxPipeline.save_lora_weights(
+        tmp_path / "saved", transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+    )
+    saved = data_uri(tmp_path / "saved" / "pytorch_lora_weights.safetensors")
+    expected = peft_layout(tensors, scale_down=0.5)
+    key = f"{DOUBLE}.ff.net.2.lora_A.weight"
+    expected[key] = peft_layout(tensors)[key]  # its own alpha: RANK, a scale of 1
+    assert image(predictor, saved) == image(predictor, data_uri_of(expected, tmp_path, "expected"))
+    assert image(predictor, saved) != image(predictor, data_uri_of(peft_layout(tensors), tmp_path, "unscaled"))

@@ -231,3 +231,18 @@ def test_a_text_encoder_tensor_that_cannot_apply_refuses_the_file(
         image(predictor, as_uri(state_dict, tmp_path, "bad"))
     assert str(caught.value).startswith("Invalid replicate_weights")
     assert image(predictor) == base["dev"]
+
+
+def test_text_encoder_bias_deltas_apply_and_come_back(predictor: Any, base: dict[str, bytes], tmp_path: Path) -> None:
+    """ComfyUI extracts carry `.diff_b` for the encoders' biases too: bias += scale x delta, and back."""
+    clip = encoders(predictor)["text_encoder"]
+    q_proj = clip.get_submodule("encoder.layers.0.self_attn.q_proj")
+    original = getattr(q_proj, "base_layer", q_proj).bias.detach().clone()
+    delta = torch.randn(original.shape, generator=torch.Generator().manual_seed(12))
+    key = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.diff_b"
+    source = as_uri({key: delta}, tmp_path, "bias")
+    assert image(predictor, source, lora_scale=0.5) != base["dev"]
+    q_proj = clip.get_submodule("encoder.layers.0.self_attn.q_proj")
+    torch.testing.assert_close(getattr(q_proj, "base_layer", q_proj).bias, original + 0.5 * delta, rtol=0, atol=1e-6)
+    assert image(predictor) == base["dev"]
+    assert torch.equal(getattr(q_proj, "base_layer", q_proj).bias, original)
