@@ -289,14 +289,12 @@ def check_lora_matches(
     """Convert to diffusers' layout and check every LoRA pair against the transformer.
 
     Returns what to load into the transformer: its part of the converted state dict, with its
-    alphas. The text encoders' tensors are matched and checked too (lora_loading/text_encoders.py),
-    but applied apart, as dev and schnell share the encoders; a file may hold only those.
+    alphas. The text encoders' tensors (lora_loading/text_encoders.py) and the bias deltas are
+    matched and checked too, but applied apart; a file may hold only those.
     """
     rest, text_encoder_part = split_text_encoder_keys(state_dict)
     encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
     text_encoder_loras(text_encoder_part, encoders, input_name)
-    if not rest and text_encoder_part:
-        return {}
     refuse_unsupported_kinds(rest, input_name)
     biases = transformer_bias_deltas(rest, pipeline.transformer, input_name)
     rest = {key: tensor for key, tensor in rest.items() if not key.endswith(BIAS_DELTA)}
