@@ -25,7 +25,7 @@ from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
 from lora_loading import LoraAdapters, LoraFile
 from lora_loading.adapters import BiasDeltas, TextEncoderLoras
-from lora_loading.formats import check_lora_matches, has_bias_deltas, read_lora
+from lora_loading.formats import check_lora_matches, read_lora, standard_path_reason
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora
@@ -136,11 +136,13 @@ class Engine:
         if request.go_fast and not fast and not self._explained_go_fast:
             log.info("go_fast: %s; running the standard path.", self.fast_unavailable)
             self._explained_go_fast = True
-        if fast and any(map(has_bias_deltas, paths)):
-            # The fp8 copy's LoRA slot holds LoRA pairs only; the bf16 model takes bias deltas exactly.
+        reasons = [reason for reason in map(standard_path_reason, paths) if reason] if fast else []
+        if reasons:
+            # The fp8 copy's LoRA slot holds LoRA pairs only; the bf16 model takes these exactly.
             log.info(
-                "go_fast: a LoRA of this request has bias deltas (.diff_b), which the fast path cannot "
-                "hold; this request runs the standard path."
+                "go_fast: a LoRA of this request has %s, which the fast path cannot hold; this request runs "
+                "the standard path.",
+                reasons[0],
             )
             fast = False
         pipeline = model.pipeline(request.mode, fast)

@@ -75,12 +75,16 @@ class LoraAdapters:
         keys = tuple(lora.key for lora in loras)
         if keys != self.loaded_keys:
             self._reload(loras)
-        if self.adapters:
-            # The only place a scale is applied; the pipeline call gets no attention "scale".
-            self.pipeline.transformer.set_adapters(
-                [name for name, _ in self.adapters], [loras[index].scale for _, index in self.adapters]
-            )
         transformer = self.pipeline.transformer
+        # A LoRA at scale 0 is left out rather than scaled by 0: for a DoRA, peft's scale multiplies only
+        # the low-rank update inside its normalisation, so 0 would still change the weights.
+        active = [(name, index) for name, index in self.adapters if loras[index].scale != 0]
+        if active:
+            transformer.enable_adapters()
+            # The only place a scale is applied; the pipeline call gets no attention "scale".
+            transformer.set_adapters([name for name, _ in active], [loras[index].scale for _, index in active])
+        elif self.adapters:
+            transformer.disable_adapters()
         self.biases.set(
             [
                 (_bias_of(transformer, module), delta, loras[index].scale)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 BIAS_DELTA = ".diff_b"  # ComfyUI's bias delta (its extract node's default): bias += scale x delta
+DORA_MAGNITUDE = ".lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
 # BFL's module names (kohya and ComfyUI files) for the diffusers modules that hold their biases. A fused
 # BFL layer's bias is split in the order of its parts, by their widths; BFL's final layer gives
 # (shift, scale) where diffusers' norm_out wants (scale, shift).
@@ -146,8 +147,7 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
     ".diff": "full weight deltas (.diff)",
-    ".dora_scale": "DoRA magnitudes (.dora_scale)",
-    ".lora_magnitude_vector": "DoRA magnitudes (.lora_magnitude_vector)",
+    ".dora_scale": "kohya/LyCORIS DoRA magnitudes (.dora_scale)",
     ".hada_": "LyCORIS LoHa (hada_*)",
     ".lokr_": "LyCORIS LoKr (lokr_*)",
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
@@ -160,6 +160,7 @@ PLAIN_SUFFIXES = (
     ".down.weight",
     ".up.weight",
     BIAS_DELTA,
+    DORA_MAGNITUDE,
 )
 
 
@@ -198,10 +199,16 @@ def _kohya_to_bfl(flat: str) -> str | None:
     return None
 
 
-def has_bias_deltas(path: Path) -> bool:
-    """Whether a LoRA file holds transformer bias deltas; reads the file's header only."""
+def standard_path_reason(path: Path) -> str | None:
+    """Why a LoRA file cannot go into go_fast's slot, which holds LoRA pairs only; None if it can.
+    Reads the file's header only."""
     with safetensors.safe_open(str(path), framework="pt") as opened:
-        return any(key.endswith(BIAS_DELTA) and not encoder_of(key) for key in opened.keys())  # noqa: SIM118
+        keys = [key for key in opened.keys() if not encoder_of(key)]  # noqa: SIM118
+    if any(key.endswith(BIAS_DELTA) for key in keys):
+        return "bias deltas (.diff_b)"
+    if any(key.endswith(DORA_MAGNITUDE) for key in keys):
+        return "DoRA magnitudes"
+    return None
 
 
 def transformer_bias_deltas(
@@ -326,6 +333,8 @@ def check_lora_matches(
     for key, tensor in transformer_part.items():
         suffix = next((s for s in LORA_WEIGHT_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
+            if key.endswith(DORA_MAGNITUDE) and key[: -len(DORA_MAGNITUDE)] + ".lora_B.weight" not in transformer_part:
+                unmatched.append(key)
             continue
         module = modules.get(key[len("transformer.") : -len(suffix)])
         # A layer that already carries an adapter is a peft wrapper around the original.
@@ -347,6 +356,15 @@ def check_lora_matches(
                 f"{expected}; the LoRA was trained for a different model."
             )
         to_load[key] = tensor
+        magnitude = key[: -len(suffix)] + DORA_MAGNITUDE
+        if suffix == ".lora_B.weight" and magnitude in transformer_part:
+            if tuple(transformer_part[magnitude].shape) != (module.out_features,):
+                raise LoraFormatError(
+                    f"Invalid {input_name}: the DoRA magnitude {magnitude} has shape "
+                    f"{tuple(transformer_part[magnitude].shape)} where this FLUX.1 layer has {module.out_features} "
+                    "outputs; the LoRA was trained for a different model."
+                )
+            to_load[magnitude] = transformer_part[magnitude]
     if not to_load:
         raise LoraFormatError(
             f"Invalid {input_name}: this LoRA matches no FLUX.1 layer; first keys: {_first_keys(state_dict)}."

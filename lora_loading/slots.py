@@ -27,7 +27,13 @@ from diffusers import FluxPipeline
 from peft import LoraConfig
 
 from lora_loading.adapters import BiasDeltas
-from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_bias_deltas
+from lora_loading.formats import (
+    DORA_MAGNITUDE,
+    LoraFile,
+    check_lora_matches,
+    read_lora,
+    transformer_bias_deltas,
+)
 
 log = logging.getLogger(__name__)
 SLOT = "slot"
@@ -110,9 +116,11 @@ class LoraSlots:
         if lora.key not in self.factors:
             state_dict = read_lora(lora)
             to_load = check_lora_matches(self.pipeline, state_dict, lora.input_name)
-            if transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name):
-                # The engine sends these to the standard path (needs_standard_path); the slot has no bias.
-                raise RuntimeError(f"{lora.input_name}: bias deltas reached the go_fast LoRA slot")
+            if transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name) or any(
+                key.endswith(DORA_MAGNITUDE) for key in to_load
+            ):
+                # The engine sends these to the standard path (standard_path_reason): the slot holds pairs only.
+                raise RuntimeError(f"{lora.input_name}: bias deltas or DoRA reached the go_fast LoRA slot")
             self.factors[lora.key] = lora_factors(to_load)
         return self.factors[lora.key]
 

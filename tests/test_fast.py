@@ -240,6 +240,21 @@ def test_go_fast_requests_with_bias_deltas_run_the_standard_path_and_leave_no_tr
     assert png(fast_predictor, go_fast=True) == base
 
 
+def test_go_fast_requests_with_a_dora_run_the_standard_path(
+    fast_predictor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.test_lora_formats import data_uri_of, peft_dora
+
+    _, state_dict = peft_dora(fast_predictor)
+    source = data_uri_of(state_dict, tmp_path, "dora")
+    base = png(fast_predictor, go_fast=True)
+    with caplog.at_level(logging.INFO):
+        from_fast = png(fast_predictor, go_fast=True, replicate_weights=source)
+    assert "has DoRA magnitudes, which the fast path cannot hold" in caplog.text
+    assert from_fast == png(fast_predictor, replicate_weights=source)
+    assert png(fast_predictor, go_fast=True) == base
+
+
 def test_a_failed_fast_lora_changes_nothing(fast_predictor: Any, loras: dict, tmp_path: Path) -> None:
     styled = png(fast_predictor, go_fast=True, replicate_weights=data_uri(loras["style"]))
     broken = tmp_path / "broken.safetensors"

@@ -209,7 +209,10 @@ def test_a_partly_matching_lora_is_refused_and_changes_nothing(
     ("extra", "kind"),
     [
         ({"lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)}, "full weight deltas (.diff)"),
-        ({"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}, "DoRA magnitudes (.dora_scale)"),
+        (
+            {"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)},
+            "kohya/LyCORIS DoRA magnitudes (.dora_scale)",
+        ),
         ({"lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(32, 2)}, "LyCORIS LoHa (hada_*)"),
         ({"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(4, 4)}, "LyCORIS LoKr (lokr_*)"),
     ],
@@ -400,3 +403,41 @@ def test_alpha_kept_only_in_diffusers_metadata_scales_the_lora(predictor: Any, t
     expected[key] = peft_layout(tensors)[key]  # its own alpha: RANK, a scale of 1
     assert image(predictor, saved) == image(predictor, data_uri_of(expected, tmp_path, "expected"))
     assert image(predictor, saved) != image(predictor, data_uri_of(peft_layout(tensors), tmp_path, "unscaled"))
+
+
+def peft_dora(predictor: Any) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A DoRA made by peft itself on a copy of the demo transformer, and its file as peft saves it."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    transformer = copy.deepcopy(predictor.engine.models["dev"].text_to_image.transformer)
+    transformer.unload_lora()  # the copy of whatever an earlier test left loaded
+    config = LoraConfig(
+        r=RANK, lora_alpha=RANK, use_dora=True, init_lora_weights=False, target_modules=["attn.to_q", "ff.net.2"]
+    )
+    torch.manual_seed(13)
+    inject_adapter_in_model(config, transformer, adapter_name="default")
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.3)  # a magnitude that is not the weight's own norm
+    return transformer, {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def test_a_peft_dora_applies_exactly_as_peft_computes_it(predictor: Any, tmp_path: Path) -> None:
+    reference, state_dict = peft_dora(predictor)
+    assert any(key.endswith(".lora_magnitude_vector") for key in state_dict)
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    source = data_uri_of(state_dict, tmp_path, "dora")
+    adapted = image(predictor, source)
+    assert adapted != base
+    transformer = predictor.engine.models["dev"].text_to_image.transformer
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2"):
+        ours, theirs = transformer.get_submodule(name), reference.get_submodule(name)
+        x = torch.randn(3, theirs.base_layer.in_features)
+        assert torch.equal(ours(x), theirs(x)), name
+    # Scale 0 leaves it out: a DoRA scaled by 0 in peft would still renormalise the weights.
+    zero = fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, lora_scale=0.0)[0]
+    assert zero == base
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base
