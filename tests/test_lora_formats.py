@@ -441,3 +441,55 @@ def test_a_peft_dora_applies_exactly_as_peft_computes_it(predictor: Any, tmp_pat
     zero = fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, lora_scale=0.0)[0]
     assert zero == base
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base
+
+
+def test_a_dreambooth_script_save_applies_to_the_transformer_and_clip_as_peft_computes(
+    predictor: Any, tmp_path: Path
+) -> None:
+    """As diffusers' train_dreambooth_lora_flux.py saves: peft adapters on the attention projections of the
+    transformer and of CLIP (alpha in the metadata, not as tensors), written by FluxPipeline.save_lora_weights.
+    Trained under transformers 5, CLIP's keys lack "text_model."; both spellings must load."""
+    import copy
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipeline = predictor.engine.models["dev"].text_to_image
+    fast(predictor, prompt="a cat")  # no LoRA: plain modules to copy
+    transformer, clip = copy.deepcopy(pipeline.transformer), copy.deepcopy(pipeline.text_encoder)
+    torch.manual_seed(17)
+    transformer_config = LoraConfig(
+        r=RANK, lora_alpha=2 * RANK, init_lora_weights=False, target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+    )
+    clip_config = LoraConfig(
+        r=RANK, lora_alpha=RANK, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    inject_adapter_in_model(transformer_config, transformer, adapter_name="default")
+    inject_adapter_in_model(clip_config, clip, adapter_name="default")
+    FluxPipeline.save_lora_weights(
+        tmp_path / "dreambooth",
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        text_encoder_lora_layers=get_peft_model_state_dict(clip),
+        transformer_lora_adapter_metadata=transformer_config.to_dict(),
+        text_encoder_lora_adapter_metadata=clip_config.to_dict(),
+    )
+    saved = tmp_path / "dreambooth" / "pytorch_lora_weights.safetensors"
+    assert any(key.startswith("text_encoder.") for key in safetensors.torch.load_file(str(saved)))
+    image(predictor, data_uri(saved))
+    for ours, theirs, name in (
+        (pipeline.transformer, transformer, "transformer_blocks.0.attn.to_q"),
+        (pipeline.transformer, transformer, "single_transformer_blocks.0.attn.to_k"),
+        (pipeline.text_encoder, clip, "encoder.layers.0.self_attn.q_proj"),
+    ):
+        x = torch.randn(2, theirs.get_submodule(name).base_layer.in_features)
+        torch.testing.assert_close(ours.get_submodule(name)(x), theirs.get_submodule(name)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_alphas_of_any_dtype_scale_alike(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    """Extracted LoRAs carry int64 alphas; trainers also write fp32, fp16 and bf16 ones."""
+    images = set()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        state_dict = kohya_layout(tensors, alpha=2)
+        state_dict.update({k: v.to(dtype) for k, v in state_dict.items() if k.endswith(".alpha")})
+        images.add(image(predictor, data_uri_of(state_dict, tmp_path, f"alpha-{dtype}".replace("torch.", ""))))
+    assert len(images) == 1
