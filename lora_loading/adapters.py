@@ -1,4 +1,8 @@
-"""Applying LoRAs to one FLUX pipeline: all-or-nothing, scaled exactly once.
+"""Applying LoRAs: all-or-nothing, scaled exactly once, and exactly undone.
+
+- `LoraAdapters`: one model's transformer (dev and schnell each have their own);
+- `TextEncoderLoras`: the text encoders the two models share, set from every request;
+- `BiasDeltas`: `.diff_b` bias deltas, added in place and put back bit for bit.
 
 diffusers + peft do the loading (`load_lora_weights`) and the scaling (`set_adapters`).
 Around them we add what a server needs:
