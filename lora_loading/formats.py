@@ -26,6 +26,7 @@ from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
+from lora_loading.lycoris import loha_to_lora
 from lora_loading.text_encoders import encoder_of, split_text_encoder_keys, text_encoder_loras
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class LoraFile:
 
 def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
     """Only safetensors are ever deserialised: a pickle can run code on load. An alpha kept only in the
-    file's metadata is folded into the tensors here (`metadata_alphas`)."""
+    file's metadata is folded into the tensors here (`metadata_alphas`), and LyCORIS LoHa layers become
+    exact LoRA pairs (lora_loading/lycoris.py)."""
     try:
         state_dict = safetensors.torch.load_file(str(lora.path))
         with safetensors.safe_open(str(lora.path), framework="pt") as opened:
@@ -86,7 +88,7 @@ def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
-    return metadata_alphas(state_dict, metadata, lora.input_name)
+    return loha_to_lora(metadata_alphas(state_dict, metadata, lora.input_name), lora.input_name)
 
 
 def metadata_alphas(
