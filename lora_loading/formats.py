@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 BIAS_DELTA = ".diff_b"  # ComfyUI's bias delta (its extract node's default): bias += scale x delta
 DORA_MAGNITUDE = ".lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
+DORA_SCALE = ".dora_scale"  # kohya/LyCORIS's DoRA magnitude
 # BFL's module names (kohya and ComfyUI files) for the diffusers modules that hold their biases. A fused
 # BFL layer's bias is split in the order of its parts, by their widths; BFL's final layer gives
 # (shift, scale) where diffusers' norm_out wants (scale, shift).
@@ -149,7 +150,6 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
     ".diff": "full weight deltas (.diff)",
-    ".dora_scale": "kohya/LyCORIS DoRA magnitudes (.dora_scale)",
     ".hada_": "LyCORIS LoHa (hada_*)",
     ".lokr_": "LyCORIS LoKr (lokr_*)",
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
@@ -163,6 +163,7 @@ PLAIN_SUFFIXES = (
     ".up.weight",
     BIAS_DELTA,
     DORA_MAGNITUDE,
+    DORA_SCALE,
 )
 
 
@@ -208,7 +209,7 @@ def standard_path_reason(path: Path) -> str | None:
         keys = [key for key in opened.keys() if not encoder_of(key)]  # noqa: SIM118
     if any(key.endswith(BIAS_DELTA) for key in keys):
         return "bias deltas (.diff_b)"
-    if any(key.endswith(DORA_MAGNITUDE) for key in keys):
+    if any(key.endswith((DORA_MAGNITUDE, DORA_SCALE)) for key in keys):
         return "DoRA magnitudes"
     return None
 
@@ -216,17 +217,48 @@ def standard_path_reason(path: Path) -> str | None:
 def transformer_bias_deltas(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
 ) -> dict[str, torch.Tensor]:
-    """A file's `.diff_b` bias deltas, by the diffusers module whose bias each adds to.
+    """A file's `.diff_b` bias deltas, by the diffusers module whose bias each adds to."""
+    return _per_output(state_dict, transformer, input_name, BIAS_DELTA, "bias deltas (.diff_b)")
 
-    diffusers' converters drop them (with a log line at most), so this maps them itself: BFL names
-    (`diffusion_model.`, kohya `lora_unet_`) through the table above, diffusers names as they are."""
+
+def dora_magnitudes(
+    state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
+) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS `.dora_scale` magnitudes, by diffusers module, as peft's lora_magnitude_vector.
+
+    LyCORIS keeps one magnitude per output row (shape (out, 1), its wd_on_out default), which is what
+    peft's DoRA holds: weight = m * (W + dW) / ||W + dW|| row by row. Per-input-column magnitudes
+    (1, in) normalise another way, which peft does not implement: refused."""
+    for key, tensor in state_dict.items():
+        if key.endswith(DORA_SCALE) and not encoder_of(key) and tensor.ndim == 2 and tensor.shape[1] != 1:
+            raise LoraFormatError(
+                f"Invalid {input_name}: its DoRA magnitudes ({key}) are per input column (LyCORIS wd_on_out=False), "
+                "which this predictor cannot apply; per output row is supported."
+            )
+    flat = {key: (t.flatten() if key.endswith(DORA_SCALE) else t) for key, t in state_dict.items()}
+    return _per_output(flat, transformer, input_name, DORA_SCALE, "DoRA magnitudes (.dora_scale)", bias=False)
+
+
+def _per_output(
+    state_dict: dict[str, torch.Tensor],
+    transformer: torch.nn.Module,
+    input_name: str,
+    suffix: str,
+    kind: str,
+    bias: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Vectors of one value per output feature (`suffix`), by the diffusers module each belongs to.
+
+    diffusers' converters drop these (with a log line at most), so this maps them itself: BFL names
+    (`diffusion_model.`, kohya `lora_unet_`) through the tables above, split by rows over a fused
+    layer's parts, diffusers names as they are."""
     modules = dict(transformer.named_modules())
-    deltas: dict[str, torch.Tensor] = {}
+    vectors: dict[str, torch.Tensor] = {}
     unmatched = []
-    for key, delta in state_dict.items():
-        if not key.endswith(BIAS_DELTA) or encoder_of(key):
+    for key, vector in state_dict.items():
+        if not key.endswith(suffix) or encoder_of(key):
             continue
-        name = key[: -len(BIAS_DELTA)]
+        name = key[: -len(suffix)]
         bfl = None
         if name.startswith("diffusion_model."):
             bfl = name.removeprefix("diffusion_model.")
@@ -234,26 +266,29 @@ def transformer_bias_deltas(
             bfl = _kohya_to_bfl(name.removeprefix("lora_unet_")) or "?"
         targets = _bfl_targets(bfl) if bfl else (name.removeprefix("transformer."),)
         layers = [getattr(modules.get(target), "base_layer", modules.get(target)) for target in targets or ()]
-        if not targets or not all(isinstance(layer, torch.nn.Linear) and layer.bias is not None for layer in layers):
+        if not targets or not all(
+            isinstance(layer, torch.nn.Linear) and (layer.bias is not None or not bias) for layer in layers
+        ):
             unmatched.append(key)
             continue
         widths = [layer.out_features for layer in layers]
-        if delta.ndim != 1 or delta.shape[0] != sum(widths):
+        if vector.ndim != 1 or vector.shape[0] != sum(widths):
             raise LoraFormatError(
-                f"Invalid {input_name}: the bias delta {key} has {tuple(delta.shape)} values where this FLUX.1 "
-                f"model's layer has {sum(widths)}; the LoRA was trained for a different model."
+                f"Invalid {input_name}: {key} has {tuple(vector.shape)} values where this FLUX.1 model's layer "
+                f"has {sum(widths)} outputs; the LoRA was trained for a different model."
             )
-        if bfl == "final_layer.adaLN_modulation.1":
-            shift, scale = delta.chunk(2)
-            delta = torch.cat([scale, shift])
-        for target, piece in zip(targets, delta.float().split(widths), strict=True):
-            deltas[target] = piece
+        if bfl == "final_layer.adaLN_modulation.1":  # BFL's (shift, scale) is diffusers' (scale, shift)
+            shift, scale = vector.chunk(2)
+            vector = torch.cat([scale, shift])
+        for target, piece in zip(targets, vector.float().split(widths), strict=True):
+            vectors[target] = piece
     if unmatched:
+        with_bias = " with a bias" if bias else ""
         raise LoraFormatError(
-            f"Invalid {input_name}: {len(unmatched)} of its bias deltas (.diff_b) match no FLUX.1 layer with a "
-            f"bias, so it was trained for another model; first: {', '.join(unmatched[:3])}."
+            f"Invalid {input_name}: {len(unmatched)} of its {kind} match no FLUX.1 layer{with_bias}, so it was "
+            f"trained for another model; first: {', '.join(unmatched[:3])}."
         )
-    return deltas
+    return vectors
 
 
 def mixture_to_peft(
@@ -306,7 +341,8 @@ def check_lora_matches(
     text_encoder_loras(text_encoder_part, encoders, input_name)
     refuse_unsupported_kinds(rest, input_name)
     biases = transformer_bias_deltas(rest, pipeline.transformer, input_name)
-    rest = {key: tensor for key, tensor in rest.items() if not key.endswith(BIAS_DELTA)}
+    magnitudes = dora_magnitudes(rest, pipeline.transformer, input_name)
+    rest = {key: tensor for key, tensor in rest.items() if not key.endswith((BIAS_DELTA, DORA_SCALE))}
     if not rest and (text_encoder_part or biases):
         return {}
     rest = mixture_to_peft(rest, pipeline.transformer, input_name)
@@ -321,6 +357,7 @@ def check_lora_matches(
     # layers", every ComfyUI extract) without the "transformer." its own loader then filters on, so
     # they were dropped without a word. They are transformer modules: prefixed here, they apply.
     transformer_part = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+    transformer_part.update({f"transformer.{target}{DORA_MAGNITUDE}": m for target, m in magnitudes.items()})
 
     modules = dict(pipeline.transformer.named_modules())
     if "time_text_embed.guidance_embedder.linear_1" not in modules and any(

@@ -209,13 +209,9 @@ def test_a_partly_matching_lora_is_refused_and_changes_nothing(
     ("extra", "kind"),
     [
         ({"lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)}, "full weight deltas (.diff)"),
-        (
-            {"lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)},
-            "kohya/LyCORIS DoRA magnitudes (.dora_scale)",
-        ),
         ({"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(4, 4)}, "LyCORIS LoKr (lokr_*)"),
     ],
-    ids=["diff", "DoRA", "LoKr"],
+    ids=["diff", "LoKr"],
 )
 def test_a_file_with_tensor_kinds_we_cannot_apply_is_refused_by_kind(
     predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, extra: dict, kind: str
@@ -548,3 +544,64 @@ def test_a_loha_too_wide_for_its_exact_lora_form_is_refused(predictor: Any, tmp_
     state_dict = {f"lora_unet_img_in.{name}": value for name, value in parts.items()}
     with pytest.raises(InputError, match="of rank 17 x 17, past the 256 this predictor takes"):
         image(predictor, data_uri_of(state_dict, tmp_path, "wide"))
+
+
+def test_a_kohya_dora_with_dora_scale_applies_as_peft_computes_it(predictor: Any, tmp_path: Path) -> None:
+    """LyCORIS/kohya DoRA in BFL names: one magnitude per output row (`.dora_scale`, shape (out, 1)), over
+    the fused qkv too. The reference is peft's own DoRA on the diffusers modules with the same factors."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    fast(predictor, prompt="a cat")  # no LoRA: plain modules to copy
+    reference = copy.deepcopy(predictor.engine.models["dev"].text_to_image.transformer)
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=RANK,
+        use_dora=True,
+        init_lora_weights=False,
+        target_modules=[
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_k",
+            "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.to_out.0",
+        ],
+    )
+    torch.manual_seed(19)
+    inject_adapter_in_model(config, reference, adapter_name="default")
+    qkv = [reference.get_submodule(f"transformer_blocks.0.attn.to_{p}") for p in "qkv"]
+    proj = reference.get_submodule("transformer_blocks.0.attn.to_out.0")
+    with torch.no_grad():
+        for layer in qkv[1:]:  # kohya's fused qkv has one down for the three
+            layer.lora_A["default"].weight.copy_(qkv[0].lora_A["default"].weight)
+        for layer in [*qkv, proj]:
+            layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+
+    def pair(layers: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        down = layers[0].lora_A["default"].weight.detach()
+        up = torch.cat([layer.lora_B["default"].weight.detach() for layer in layers])
+        magnitude = torch.cat([layer.lora_magnitude_vector["default"].weight.detach() for layer in layers])
+        return down, up, magnitude[:, None]
+
+    state_dict = {}
+    for bfl, layers in (("double_blocks_0_img_attn_qkv", qkv), ("double_blocks_0_img_attn_proj", [proj])):
+        down, up, magnitude = pair(layers)
+        state_dict[f"lora_unet_{bfl}.lora_down.weight"] = down
+        state_dict[f"lora_unet_{bfl}.lora_up.weight"] = up
+        state_dict[f"lora_unet_{bfl}.alpha"] = torch.tensor(float(RANK))
+        state_dict[f"lora_unet_{bfl}.dora_scale"] = magnitude
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    assert image(predictor, data_uri_of(state_dict, tmp_path, "kohya-dora")) != base
+    transformer = predictor.engine.models["dev"].text_to_image.transformer
+    x = torch.randn(2, 32)
+    for name in ("to_q", "to_k", "to_v", "to_out.0"):
+        module = f"transformer_blocks.0.attn.{name}"
+        torch.testing.assert_close(
+            transformer.get_submodule(module)(x), reference.get_submodule(module)(x), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_dora_with_per_column_magnitudes_is_refused(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    state_dict = {**kohya_layout(tensors), "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}
+    with pytest.raises(InputError, match="per input column"):
+        image(predictor, data_uri_of(state_dict, tmp_path, "columns"))
