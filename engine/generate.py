@@ -23,9 +23,8 @@ from engine.inputs import LoraRequest, Mode, Request
 from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
-from lora_loading import LoraAdapters, LoraFile
-from lora_loading.adapters import BiasDeltas, TextEncoderLoras
-from lora_loading.formats import check_lora_matches, read_lora, standard_path_reason
+from lora_loading.adapters import BiasDeltas, LoraAdapters, TextEncoderLoras
+from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora, standard_path_reason
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora
@@ -245,8 +244,9 @@ class Engine:
                 for lora, path in zip(wanted, paths, strict=True)
             ]
             try:
-                self.text_encoder_loras.apply(files)
-                self.loras[model, fast].apply(files)
+                with each_file_read_once():
+                    self.text_encoder_loras.apply(files)
+                    self.loras[model, fast].apply(files)
             except BaseException:
                 self.text_encoder_loras.unload()  # nothing of a failed request stays applied
                 raise

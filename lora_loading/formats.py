@@ -17,6 +17,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
 from lora_loading.lycoris import loha_to_lora
-from lora_loading.text_encoders import encoder_of, split_text_encoder_keys, text_encoder_loras
+from lora_loading.text_encoders import encoder_of, linear_layers, split_text_encoder_keys, text_encoder_loras
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +80,40 @@ class LoraFile:
     scale: float
 
 
+# Files already read in this request (`each_file_read_once`), by path.
+_READS: ContextVar[dict[Path, dict[str, torch.Tensor]] | None] = ContextVar("lora_reads", default=None)
+
+
+@contextmanager
+def each_file_read_once() -> Iterator[None]:
+    """Within it, read_lora reads each file once: the text encoders' state and the transformer's (or the
+    go_fast slot's) each take their part of the same files. Nothing downstream changes a tensor it gets."""
+    token = _READS.set({})
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+
+
 def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
     """Only safetensors are ever deserialised: a pickle can run code on load. An alpha kept only in the
     file's metadata is folded into the tensors here (`metadata_alphas`), and LyCORIS LoHa layers become
     exact LoRA pairs (lora_loading/lycoris.py)."""
+    reads = _READS.get()
+    if reads is not None and lora.path in reads:
+        return reads[lora.path]
     try:
-        state_dict = safetensors.torch.load_file(str(lora.path))
         with safetensors.safe_open(str(lora.path), framework="pt") as opened:
             metadata = opened.metadata() or {}
+            state_dict = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
     except Exception as error:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
-    return loha_to_lora(metadata_alphas(state_dict, metadata, lora.input_name), lora.input_name)
+    state_dict = loha_to_lora(metadata_alphas(state_dict, metadata, lora.input_name), lora.input_name)
+    if reads is not None:
+        reads[lora.path] = state_dict
+    return state_dict
 
 
 def metadata_alphas(
@@ -150,7 +174,6 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
     ".diff": "full weight deltas (.diff)",
-    ".hada_": "LyCORIS LoHa (hada_*)",
     ".lokr_": "LyCORIS LoKr (lokr_*)",
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
 }
@@ -252,7 +275,7 @@ def _per_output(
     diffusers' converters drop these (with a log line at most), so this maps them itself: BFL names
     (`diffusion_model.`, kohya `lora_unet_`) through the tables above, split by rows over a fused
     layer's parts, diffusers names as they are."""
-    modules = dict(transformer.named_modules())
+    modules = linear_layers(transformer)
     vectors: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, vector in state_dict.items():
@@ -265,10 +288,8 @@ def _per_output(
         elif name.startswith("lora_unet_"):
             bfl = _kohya_to_bfl(name.removeprefix("lora_unet_")) or "?"
         targets = _bfl_targets(bfl) if bfl else (name.removeprefix("transformer."),)
-        layers = [getattr(modules.get(target), "base_layer", modules.get(target)) for target in targets or ()]
-        if not targets or not all(
-            isinstance(layer, torch.nn.Linear) and (layer.bias is not None or not bias) for layer in layers
-        ):
+        layers = [modules.get(target) for target in targets or ()]
+        if not targets or not all(layer is not None and (layer.bias is not None or not bias) for layer in layers):
             unmatched.append(key)
             continue
         widths = [layer.out_features for layer in layers]
@@ -300,11 +321,7 @@ def mixture_to_peft(
     prefix = "lora_transformer_"
     if not any(key.startswith(prefix) for key in state_dict):
         return state_dict
-    layers = {
-        name.replace(".", "_"): name
-        for name, module in transformer.named_modules()
-        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear) and ".lora_" not in f".{name}"
-    }
+    layers = {name.replace(".", "_"): name for name in linear_layers(transformer)}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     converted = {key: tensor for key, tensor in state_dict.items() if not key.startswith(prefix)}
     for key, tensor in state_dict.items():
@@ -359,7 +376,7 @@ def check_lora_matches(
     transformer_part = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
     transformer_part.update({f"transformer.{target}{DORA_MAGNITUDE}": m for target, m in magnitudes.items()})
 
-    modules = dict(pipeline.transformer.named_modules())
+    modules = linear_layers(pipeline.transformer)
     if "time_text_embed.guidance_embedder.linear_1" not in modules and any(
         ".guidance_embedder." in key for key in transformer_part
     ):
@@ -376,9 +393,7 @@ def check_lora_matches(
                 unmatched.append(key)
             continue
         module = modules.get(key[len("transformer.") : -len(suffix)])
-        # A layer that already carries an adapter is a peft wrapper around the original.
-        module = getattr(module, "base_layer", module)
-        if not isinstance(module, torch.nn.Linear):
+        if module is None:
             unmatched.append(key)
             continue
         expected = module.in_features if suffix == ".lora_A.weight" else module.out_features

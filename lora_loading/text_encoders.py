@@ -117,7 +117,7 @@ def text_encoder_loras(
     loras: dict[str, EncoderLora] = {}
     unmatched = []
     names = {encoder.attribute: _names(encoder, models[encoder.attribute]) for encoder in ENCODERS}
-    layers = {attribute: _linear_layers(model) for attribute, model in models.items()}
+    layers = {attribute: linear_layers(model) for attribute, model in models.items()}
     for (encoder, name, flattened), parts in grouped.items():
         module_name = names[encoder.attribute][flattened].get(name)
         if module_name is None:
@@ -159,7 +159,7 @@ def text_encoder_loras(
     return loras
 
 
-def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The Linear layers a LoRA may target, by name; under a LoRA already applied, the layer it wraps."""
     layers = {}
     for name, module in model.named_modules():
@@ -173,7 +173,7 @@ def _names(encoder: Encoder, model: torch.nn.Module) -> dict[bool, dict[str, str
     """How LoRA files may spell each layer, to its module name: dotted ({False: ...}) or kohya-flattened
     ({True: ...}), each with and without the legacy prefix."""
     spellings: dict[bool, dict[str, str]] = {False: {}, True: {}}
-    for module_name in _linear_layers(model):
+    for module_name in linear_layers(model):
         for spelled in {module_name, encoder.legacy_prefix + module_name}:
             spellings[False][spelled] = module_name
             spellings[True][spelled.replace(".", "_")] = module_name

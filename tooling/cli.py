@@ -20,16 +20,11 @@ from typing import Any
 
 import torch
 
+from engine.config import WEIGHT_SETTINGS
 from tooling.demo_model import demo_model_env, ensure_demo_models
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL_FOLDER = REPO / ".cache" / "demo-model"
-WEIGHT_SETTINGS = (
-    "FLUX_DEV_WEIGHTS",
-    "FLUX_SCHNELL_WEIGHTS",
-    "FLUX_SAFETY_CHECKER_WEIGHTS",
-    "FLUX_NSFW_CLASSIFIER_WEIGHTS",
-)
 DEMO_BANNER = """\
 *** Offline demo model ***
 No CUDA GPU and no FLUX_DEV_WEIGHTS here, so this runs a tiny FLUX with random weights,
@@ -46,7 +41,7 @@ def use_demo_model_if_needed() -> bool:
     no CUDA GPU where no weights were configured.
     """
     choice = os.environ.get("FLUX_DEMO_MODEL", "")
-    configured = any(os.environ.get(name) for name in WEIGHT_SETTINGS)
+    configured = any(os.environ.get(variable) for variable, _ in WEIGHT_SETTINGS.values())
     wanted = choice == "1" or (choice != "0" and not configured and not torch.cuda.is_available())
     if wanted:
         print(DEMO_BANNER, file=sys.stderr)
