@@ -23,7 +23,8 @@ from engine.inputs import LoraRequest, Mode, Request
 from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models
-from lora_loading.adapters import BiasDeltas, LoraAdapters, TextEncoderLoras
+from lora_loading.adapters import LoraAdapters, TextEncoderLoras
+from lora_loading.deltas import ParameterDeltas
 from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora, standard_path_reason
 from lora_loading.slots import LoraSlots
 from safety import SafetyChecker
@@ -93,10 +94,10 @@ class Engine:
         )
         self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
         for name, model in self.models.items():
-            biases = BiasDeltas()  # the fast copy shares the bf16 biases: one state for both paths
-            self.loras[name, False] = LoraAdapters(model.text_to_image, biases)
+            in_place = ParameterDeltas()  # the fast copy shares the bf16 biases: one state for both paths
+            self.loras[name, False] = LoraAdapters(model.text_to_image, in_place)
             if model.fast_pipelines:
-                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE], biases)
+                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE], in_place)
         self.lora_cache = LoraCache.from_env()
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
         self._explained_go_fast = False

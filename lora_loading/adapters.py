@@ -2,7 +2,8 @@
 
 - `LoraAdapters`: one model's transformer (dev and schnell each have their own);
 - `TextEncoderLoras`: the text encoders the two models share, set from every request;
-- `BiasDeltas`: `.diff_b` bias deltas, added in place and put back bit for bit.
+- bias and weight deltas (`.diff_b`, `.diff`, LoKr) go through lora_loading/deltas.py, added in
+  place and put back bit for bit.
 
 diffusers + peft do the loading (`load_lora_weights`) and the scaling (`set_adapters`).
 Around them we add what a server needs:
@@ -27,39 +28,17 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from errors import LoraFormatError
-from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_bias_deltas
-from lora_loading.text_encoders import EncoderLora, text_encoder_loras
+from lora_loading.deltas import Delta, ParameterDeltas
+from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_deltas
+from lora_loading.text_encoders import EncoderLora, linear_layers, text_encoder_loras
 
 log = logging.getLogger(__name__)
 
 
-class BiasDeltas:
-    """Bias deltas (`.diff_b`) added in place, and the exact original biases kept to put back.
-
-    One per transformer: its go_fast copy shares the bf16 biases, so both paths of a model see
-    what this holds, and each request sets it (the fast path to nothing)."""
-
-    def __init__(self) -> None:
-        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def set(self, deltas: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """(bias, delta, scale) each: bias = original + scale x delta; nothing given: the originals."""
-        self.restore()
-        for bias, delta, scale in deltas:
-            self.originals.setdefault(id(bias), (bias, bias.detach().clone()))
-            bias.add_(delta.to(bias.device, bias.dtype), alpha=scale)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for bias, original in self.originals.values():
-            bias.copy_(original)
-        self.originals = {}
-
-
-def _bias_of(model: torch.nn.Module, name: str) -> torch.Tensor:
-    module = model.get_submodule(name)
-    return getattr(module, "base_layer", module).bias
+def parameter_of(model: torch.nn.Module, name: str, layers: dict[str, torch.nn.Linear]) -> torch.nn.Parameter:
+    """`<module>.weight`/`.bias` of `model`; under a LoRA already applied, the wrapped layer's own."""
+    module, attribute = name.rsplit(".", 1)
+    return getattr(layers.get(module) or model.get_submodule(module), attribute)
 
 
 class LoraAdapters:
@@ -68,12 +47,12 @@ class LoraAdapters:
     Transformer-level calls only: the pipeline-level ones (`set_adapters`, `unload_lora_weights`)
     also act on the text encoders, which both models share and TextEncoderLoras keeps."""
 
-    def __init__(self, pipeline: FluxPipeline, biases: BiasDeltas | None = None):
+    def __init__(self, pipeline: FluxPipeline, in_place: ParameterDeltas | None = None):
         self.pipeline = pipeline
-        self.biases = biases or BiasDeltas()
+        self.in_place = in_place or ParameterDeltas()
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
-        self.bias_deltas: list[tuple[int, dict[str, torch.Tensor]]] = []  # (index of its LoRA, deltas by module)
+        self.deltas: list[tuple[int, dict[str, Delta]]] = []  # (index of its LoRA, deltas by parameter name)
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -89,11 +68,13 @@ class LoraAdapters:
             transformer.set_adapters([name for name, _ in active], [loras[index].scale for _, index in active])
         elif self.adapters:
             transformer.disable_adapters()
-        self.biases.set(
+        layers = linear_layers(transformer)
+        self.in_place.set(
             [
-                (_bias_of(transformer, module), delta, loras[index].scale)
-                for index, deltas in self.bias_deltas
-                for module, delta in deltas.items()
+                (parameter_of(transformer, name, layers), delta, loras[index].scale)
+                for index, deltas in self.deltas
+                for name, delta in deltas.items()
+                if loras[index].scale != 0
             ]
         )
 
@@ -107,9 +88,9 @@ class LoraAdapters:
                     name = f"lora_{index}"
                     self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
                     self.adapters.append((name, index))
-                deltas = transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name)
+                deltas = transformer_deltas(state_dict, self.pipeline.transformer, lora.input_name)
                 if deltas:
-                    self.bias_deltas.append((index, deltas))
+                    self.deltas.append((index, deltas))
         except BaseException:
             # All-or-nothing: peft removes its layers and restores the original modules,
             # so the transformer is bit-for-bit the base model again.
@@ -120,9 +101,9 @@ class LoraAdapters:
     def unload(self) -> None:
         if self.loaded_keys or getattr(self.pipeline.transformer, "peft_config", None):
             self.pipeline.transformer.unload_lora()
-        self.biases.restore()
+        self.in_place.restore()
         self.adapters = []
-        self.bias_deltas = []
+        self.deltas = []
         self.loaded_keys = ()
 
 
@@ -133,8 +114,8 @@ class TextEncoderLoras:
         self.models = models  # by attribute: text_encoder, text_encoder_2
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: dict[str, list[tuple[str, int]]] = {}  # by encoder: (adapter name, index of its LoRA)
-        self.bias_deltas: list[tuple[str, int, dict[str, torch.Tensor]]] = []  # (encoder, LoRA index, deltas)
-        self.biases = BiasDeltas()
+        self.deltas: list[tuple[str, int, dict[str, Delta]]] = []  # (encoder, LoRA index, deltas by parameter)
+        self.in_place = ParameterDeltas()
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -146,11 +127,13 @@ class TextEncoderLoras:
                     for name, index in adapters:
                         if name in module.scaling:
                             module.set_scale(name, loras[index].scale)
-        self.biases.set(
+        layers = {attribute: linear_layers(model) for attribute, model in self.models.items()}
+        self.in_place.set(
             [
-                (_bias_of(self.models[attribute], module), delta, loras[index].scale)
-                for attribute, index, deltas in self.bias_deltas
-                for module, delta in deltas.items()
+                (parameter_of(self.models[attribute], name, layers[attribute]), delta, loras[index].scale)
+                for attribute, index, deltas in self.deltas
+                for name, delta in deltas.items()
+                if loras[index].scale != 0
             ]
         )
 
@@ -159,12 +142,14 @@ class TextEncoderLoras:
         try:
             for index, lora in enumerate(loras):
                 for attribute, part in text_encoder_loras(read_lora(lora), self.models, lora.input_name).items():
+                    for skipped in part.skipped:
+                        log.warning("%s: skipped the LoRA layer %s.", lora.input_name, skipped)
                     if part.modules:
                         name = f"text_lora_{index}"
                         self._inject(attribute, name, part)
                         self.adapters.setdefault(attribute, []).append((name, index))
-                    if part.biases:
-                        self.bias_deltas.append((attribute, index, part.biases))
+                    if part.deltas:
+                        self.deltas.append((attribute, index, part.deltas))
             for attribute, adapters in self.adapters.items():
                 names = [name for name, _ in adapters]
                 for module in self.models[attribute].modules():
@@ -210,7 +195,7 @@ class TextEncoderLoras:
                 if getattr(model, "peft_config", None) is not None:
                     del model.peft_config
                 model._hf_peft_config_loaded = None
-        self.biases.restore()
+        self.in_place.restore()
         self.adapters = {}
-        self.bias_deltas = []
+        self.deltas = []
         self.loaded_keys = ()

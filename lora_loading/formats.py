@@ -29,13 +29,21 @@ from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
-from lora_loading.lycoris import loha_to_lora
-from lora_loading.text_encoders import encoder_of, linear_layers, split_text_encoder_keys, text_encoder_loras
+from lora_loading.deltas import Delta
+from lora_loading.lycoris import LOKR_PARTS, loha_to_lora, lokr_factors
+from lora_loading.text_encoders import (
+    encoder_of,
+    linear_layers,
+    split_text_encoder_keys,
+    text_encoder_loras,
+    weighted_modules,
+)
 
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 BIAS_DELTA = ".diff_b"  # ComfyUI's bias delta (its extract node's default): bias += scale x delta
+WEIGHT_DELTA = ".diff"  # ComfyUI's full weight delta (its extract node's full_diff mode): weight += scale x delta
 DORA_MAGNITUDE = ".lora_magnitude_vector"  # peft's DoRA magnitude, one per output feature
 DORA_SCALE = ".dora_scale"  # kohya/LyCORIS's DoRA magnitude
 # BFL's module names (kohya and ComfyUI files) for the diffusers modules that hold their biases. A fused
@@ -110,10 +118,28 @@ def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
-    state_dict = loha_to_lora(metadata_alphas(state_dict, metadata, lora.input_name), lora.input_name)
+    state_dict = loha_to_lora(metadata_alphas(respelled(state_dict), metadata, lora.input_name), lora.input_name)
     if reads is not None:
         reads[lora.path] = state_dict
     return state_dict
+
+
+# BFL's top-level module names: OneTrainer's ORIGINAL format writes them bare, ComfyUI under `diffusion_model.`.
+BFL_TOP_LEVEL = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
+
+
+def respelled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Spellings of layouts this predictor reads, in the one the rest expects:
+    - bare BFL names (OneTrainer's ORIGINAL format) get ComfyUI's `diffusion_model.`;
+    - `.lora_magnitude_vector.weight` (OneTrainer's DIFFUSERS format) is peft's `.lora_magnitude_vector`."""
+    spelled = {}
+    for key, tensor in state_dict.items():
+        if key.startswith((*BFL_TOP_LEVEL, "final_layer.")):
+            key = f"diffusion_model.{key}"
+        if key.endswith(f"{DORA_MAGNITUDE}.weight"):
+            key = key.removesuffix(".weight")
+        spelled[key] = tensor
+    return spelled
 
 
 def metadata_alphas(
@@ -173,8 +199,6 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # Tensor kinds outside plain LoRA pairs and alphas, which no converter here applies yet: a file holding
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
-    ".diff": "full weight deltas (.diff)",
-    ".lokr_": "LyCORIS LoKr (lokr_*)",
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
 }
 PLAIN_SUFFIXES = (
@@ -185,6 +209,8 @@ PLAIN_SUFFIXES = (
     ".down.weight",
     ".up.weight",
     BIAS_DELTA,
+    WEIGHT_DELTA,
+    *LOKR_PARTS,
     DORA_MAGNITUDE,
     DORA_SCALE,
 )
@@ -232,16 +258,105 @@ def standard_path_reason(path: Path) -> str | None:
         keys = [key for key in opened.keys() if not encoder_of(key)]  # noqa: SIM118
     if any(key.endswith(BIAS_DELTA) for key in keys):
         return "bias deltas (.diff_b)"
+    if any(key.endswith(WEIGHT_DELTA) for key in keys):
+        return "full weight deltas (.diff)"
+    if any(key.endswith(LOKR_PARTS) for key in keys):
+        return "LyCORIS LoKr layers"
     if any(key.endswith((DORA_MAGNITUDE, DORA_SCALE)) for key in keys):
         return "DoRA magnitudes"
     return None
 
 
-def transformer_bias_deltas(
+# Prefixes of flattened diffusers module names: SimpleTuner's LyCORIS saves and OneTrainer's/CivitAI's
+# "mixture" layout (the names ComfyUI's FLUX key map also takes).
+FLAT_DIFFUSERS_PREFIXES = ("lycoris_", "lora_transformer_")
+
+
+def _layer_targets(name: str, modules: dict[str, torch.nn.Module]) -> tuple[tuple[str, ...], bool]:
+    """The diffusers modules a transformer layer name stands for, in any naming this predictor reads, in the
+    order a fused BFL layer's outputs run; and whether its two halves swap (BFL's final layer gives
+    (shift, scale) where diffusers' norm_out wants (scale, shift)). No targets: no FLUX.1 layer."""
+    bfl = None
+    if name.startswith("diffusion_model."):
+        bfl = name.removeprefix("diffusion_model.")
+    elif name.startswith("lora_unet_"):
+        bfl = _kohya_to_bfl(name.removeprefix("lora_unet_")) or "?"
+    if bfl is not None:
+        return _bfl_targets(bfl) or (), bfl == "final_layer.adaLN_modulation.1"
+    for prefix in FLAT_DIFFUSERS_PREFIXES:
+        if name.startswith(prefix):
+            flat = {module.replace(".", "_"): module for module in modules}
+            found = flat.get(name.removeprefix(prefix))
+            return ((found,) if found else ()), False
+    return (name.removeprefix("transformer."),), False
+
+
+def _row_slices(widths: list[int], swap_halves: bool) -> list[tuple[slice, ...]]:
+    """Per target, the rows of the fused layer's output it takes."""
+    if swap_halves:
+        half = widths[0] // 2
+        return [(slice(half, 2 * half), slice(0, half))]
+    offsets = [sum(widths[:index]) for index in range(len(widths))]
+    return [(slice(offset, offset + width),) for offset, width in zip(offsets, widths, strict=True)]
+
+
+def transformer_deltas(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
-) -> dict[str, torch.Tensor]:
-    """A file's `.diff_b` bias deltas, by the diffusers module whose bias each adds to."""
-    return _per_output(state_dict, transformer, input_name, BIAS_DELTA, "bias deltas (.diff_b)")
+) -> dict[str, Delta]:
+    """What a file adds into the transformer's own parameters, by parameter name (`<module>.bias`,
+    `<module>.weight`): `.diff_b` bias deltas, `.diff` weight deltas and LyCORIS LoKr layers. diffusers'
+    converters drop the first two (a log line at most) and take LoKr for other models only."""
+    deltas = {
+        f"{module}.bias": Delta(tensor=vector)
+        for module, vector in _per_output(
+            state_dict, transformer, input_name, BIAS_DELTA, "bias deltas (.diff_b)"
+        ).items()
+    }
+    weighted = weighted_modules(transformer)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        suffix = next((s for s in (WEIGHT_DELTA, *LOKR_PARTS) if key.endswith(s)), None)
+        if suffix and not encoder_of(key):
+            grouped.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+    unmatched = []
+    for layer, parts in grouped.items():
+        if f"{layer}{DORA_SCALE}" in state_dict:
+            raise LoraFormatError(
+                f"Invalid {input_name}: the layer {layer} is a DoRA over a LoKr or full delta, which this predictor "
+                "cannot apply; DoRA is supported on LoRA layers."
+            )
+        if WEIGHT_DELTA in parts and len(parts) > 1:
+            raise LoraFormatError(f"Invalid {input_name}: the layer {layer} holds both a .diff and LoKr tensors.")
+        if WEIGHT_DELTA in parts:
+            whole = Delta(tensor=parts[WEIGHT_DELTA])
+            kind = "full weight delta (.diff)"
+        else:
+            whole = Delta(factors=lokr_factors(parts, state_dict.get(f"{layer}.alpha"), layer, input_name))
+            kind = "LoKr layer"
+        targets, swap = _layer_targets(layer, weighted)
+        layers = [weighted.get(target) for target in targets]
+        if not targets or any(module is None for module in layers):
+            unmatched.append(layer)
+            continue
+        if all(isinstance(module, torch.nn.Linear) for module in layers):
+            widths = [module.out_features for module in layers]
+            expected = (sum(widths), layers[0].in_features)
+        else:  # a norm's weight (ai-toolkit's all_layers writes them so), under its diffusers name
+            widths = [layers[0].weight.shape[0]]
+            expected = tuple(layers[0].weight.shape) if len(layers) == 1 else ()
+        if whole.shape != expected:
+            raise LoraFormatError(
+                f"Invalid {input_name}: the {kind} {layer} is {whole.shape} where this FLUX.1 model's layer is "
+                f"{expected}; the LoRA was trained for a different model."
+            )
+        for target, rows in zip(targets, _row_slices(widths, swap), strict=True):
+            deltas[f"{target}.weight"] = Delta(whole.tensor, whole.factors, whole.op, rows)
+    if unmatched:
+        raise LoraFormatError(
+            f"Invalid {input_name}: {len(unmatched)} of its LoKr or .diff layers match no FLUX.1 layer, so it was "
+            f"trained for another model; first: {', '.join(unmatched[:3])}."
+        )
+    return deltas
 
 
 def dora_magnitudes(
@@ -270,39 +385,27 @@ def _per_output(
     kind: str,
     bias: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Vectors of one value per output feature (`suffix`), by the diffusers module each belongs to.
-
-    diffusers' converters drop these (with a log line at most), so this maps them itself: BFL names
-    (`diffusion_model.`, kohya `lora_unet_`) through the tables above, split by rows over a fused
-    layer's parts, diffusers names as they are."""
+    """Vectors of one value per output feature (`suffix`), by the diffusers module each belongs to,
+    split by rows over a fused BFL layer's parts (diffusers' converters drop these)."""
     modules = linear_layers(transformer)
     vectors: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, vector in state_dict.items():
         if not key.endswith(suffix) or encoder_of(key):
             continue
-        name = key[: -len(suffix)]
-        bfl = None
-        if name.startswith("diffusion_model."):
-            bfl = name.removeprefix("diffusion_model.")
-        elif name.startswith("lora_unet_"):
-            bfl = _kohya_to_bfl(name.removeprefix("lora_unet_")) or "?"
-        targets = _bfl_targets(bfl) if bfl else (name.removeprefix("transformer."),)
-        layers = [modules.get(target) for target in targets or ()]
+        targets, swap = _layer_targets(key[: -len(suffix)], modules)
+        layers = [modules.get(target) for target in targets]
         if not targets or not all(layer is not None and (layer.bias is not None or not bias) for layer in layers):
             unmatched.append(key)
             continue
-        widths = [layer.out_features for layer in layers]
+        widths = [layer.out_features for layer in layers if layer is not None]
         if vector.ndim != 1 or vector.shape[0] != sum(widths):
             raise LoraFormatError(
                 f"Invalid {input_name}: {key} has {tuple(vector.shape)} values where this FLUX.1 model's layer "
                 f"has {sum(widths)} outputs; the LoRA was trained for a different model."
             )
-        if bfl == "final_layer.adaLN_modulation.1":  # BFL's (shift, scale) is diffusers' (scale, shift)
-            shift, scale = vector.chunk(2)
-            vector = torch.cat([scale, shift])
-        for target, piece in zip(targets, vector.float().split(widths), strict=True):
-            vectors[target] = piece
+        for target, rows in zip(targets, _row_slices(widths, swap), strict=True):
+            vectors[target] = torch.cat([vector[row] for row in rows]).float()
     if unmatched:
         with_bias = " with a bias" if bias else ""
         raise LoraFormatError(
@@ -315,33 +418,75 @@ def _per_output(
 def mixture_to_peft(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
 ) -> dict[str, torch.Tensor]:
-    """CivitAI's "mixture" layout (`lora_transformer_<diffusers module, dots as underscores>` with kohya
-    suffixes) in PEFT names, alpha/rank folded into A. diffusers' own converter maps the attention and
-    embedder layers only and names an MLP or norm layer by its block, so those never applied."""
-    prefix = "lora_transformer_"
-    if not any(key.startswith(prefix) for key in state_dict):
+    """Flattened diffusers names with kohya suffixes in PEFT names, alpha/rank folded into A: OneTrainer's and
+    CivitAI's "mixture" layout (`lora_transformer_<diffusers module, dots as underscores>`) and SimpleTuner's
+    LyCORIS saves (`lycoris_...`). diffusers' converter maps the first's attention and embedder layers only
+    and names an MLP or norm layer by its block, so those never applied; it does not know the second."""
+    if not any(key.startswith(FLAT_DIFFUSERS_PREFIXES) for key in state_dict):
         return state_dict
     layers = {name.replace(".", "_"): name for name in linear_layers(transformer)}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    converted = {key: tensor for key, tensor in state_dict.items() if not key.startswith(prefix)}
+    converted = {key: tensor for key, tensor in state_dict.items() if not key.startswith(FLAT_DIFFUSERS_PREFIXES)}
     for key, tensor in state_dict.items():
-        if key.startswith(prefix):
+        prefix = next((prefix for prefix in FLAT_DIFFUSERS_PREFIXES if key.startswith(prefix)), None)
+        if prefix:
             flat, _, part = key[len(prefix) :].partition(".")
             grouped.setdefault(flat, {})[part] = tensor
-    unmatched = [f"{prefix}{flat}" for flat in grouped if flat not in layers]
+    unmatched = [flat for flat in grouped if flat not in layers]
     if unmatched:
         raise LoraFormatError(
-            f"Invalid {input_name}: {len(unmatched)} of its {len(grouped)} layers (CivitAI mixture layout) name no "
-            f"FLUX.1 layer, so it was trained for another model; first: {', '.join(unmatched[:3])}."
+            f"Invalid {input_name}: {len(unmatched)} of its {len(grouped)} layers (flattened diffusers names) name "
+            f"no FLUX.1 layer, so it was trained for another model; first: {', '.join(unmatched[:3])}."
         )
     for flat, parts in grouped.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"Invalid {input_name}: the layer {prefix}{flat} has only half of a LoRA pair.")
+            raise LoraFormatError(f"Invalid {input_name}: the layer {flat} has only half of a LoRA pair.")
         down = parts["lora_down.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
         converted[f"transformer.{layers[flat]}.lora_A.weight"] = down.float() * (alpha / down.shape[0])
         converted[f"transformer.{layers[flat]}.lora_B.weight"] = parts["lora_up.weight"].float()
     return converted
+
+
+def bfl_alphas_folded(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """BFL-named pairs (kohya's `lora_unet_`, ComfyUI's `diffusion_model.`) with alpha / rank folded into
+    lora_down (their alpha set to the rank), before diffusers' converter sees them. Where it falls short:
+    - it leaves the final layer's modulation (`final_layer.adaLN_modulation.1`) unscaled by its alpha;
+    - kohya's `split_qkv` trains q, k, v (and a single block's MLP input) as separate rank-r LoRAs, each
+      scaled alpha / r, and saves them as one rank-n*r pair: the downs stacked, the ups block-diagonal, the
+      alpha unchanged. Every reader since, kohya's own and diffusers' included, divides that alpha by n*r,
+      which weakens those layers n times (kohya-ss/sd-scripts#2204). Such a pair, found the way diffusers
+      finds it (the up's off-diagonal blocks all zero), gets the alpha / r it was trained with."""
+    modules = linear_layers(transformer)
+    folded = dict(state_dict)
+    for key, alpha in state_dict.items():
+        if not (key.startswith(("lora_unet_", "diffusion_model.")) and key.endswith(".alpha")):
+            continue
+        layer = key.removesuffix(".alpha")
+        down, up = state_dict.get(f"{layer}.lora_down.weight"), state_dict.get(f"{layer}.lora_up.weight")
+        if down is None or up is None or down.ndim != 2:
+            continue
+        bfl = layer.removeprefix("diffusion_model.")
+        if layer.startswith("lora_unet_"):
+            bfl = _kohya_to_bfl(layer.removeprefix("lora_unet_")) or ""
+        layers = [modules.get(target) for target in _bfl_targets(bfl) or ()]
+        parts = len(layers) if _block_diagonal(up, [m.out_features for m in layers if m is not None]) else 1
+        folded[f"{layer}.lora_down.weight"] = down.float() * (float(alpha) * parts / down.shape[0])
+        folded[key] = torch.tensor(float(down.shape[0]))  # alpha = rank: a scale of 1 from here on
+    return folded
+
+
+def _block_diagonal(up: torch.Tensor, widths: list[int]) -> bool:
+    """Whether `up` is kohya split_qkv's: one rank-r block per part on the diagonal, zeros elsewhere."""
+    if len(widths) < 2 or up.ndim != 2 or sum(widths) != up.shape[0] or up.shape[1] % len(widths) or not up.any():
+        return False
+    rank = up.shape[1] // len(widths)
+    return all(
+        not block[:, column * rank : (column + 1) * rank].any()
+        for row, block in enumerate(up.split(widths))
+        for column in range(len(widths))
+        if column != row
+    )
 
 
 def check_lora_matches(
@@ -357,14 +502,22 @@ def check_lora_matches(
     encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
     text_encoder_loras(text_encoder_part, encoders, input_name)
     refuse_unsupported_kinds(rest, input_name)
-    biases = transformer_bias_deltas(rest, pipeline.transformer, input_name)
+    deltas = transformer_deltas(rest, pipeline.transformer, input_name)
     magnitudes = dora_magnitudes(rest, pipeline.transformer, input_name)
-    rest = {key: tensor for key, tensor in rest.items() if not key.endswith((BIAS_DELTA, DORA_SCALE))}
-    if not rest and (text_encoder_part or biases):
+    # What the deltas and magnitudes took, LoKr layers' alphas included, is not for diffusers' converters.
+    merged = {key.rsplit(".", 1)[0] for key in rest if key.endswith((WEIGHT_DELTA, *LOKR_PARTS))}
+    rest = {
+        key: tensor
+        for key, tensor in rest.items()
+        if not key.endswith((BIAS_DELTA, DORA_SCALE, WEIGHT_DELTA, *LOKR_PARTS))
+        and not (key.endswith(".alpha") and key[: -len(".alpha")] in merged)
+    }
+    if not rest and (text_encoder_part or deltas):
         return {}
     rest = mixture_to_peft(rest, pipeline.transformer, input_name)
+    rest = bfl_alphas_folded(comfyui_peft_to_kohya(rest), pipeline.transformer)
     try:
-        converted, alphas = FluxPipeline.lora_state_dict(comfyui_peft_to_kohya(rest), return_alphas=True)
+        converted, alphas = FluxPipeline.lora_state_dict(rest, return_alphas=True)
     except Exception as error:
         raise LoraFormatError(
             f"Invalid {input_name}: this file is not a FLUX LoRA in any supported format "

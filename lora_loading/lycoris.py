@@ -1,4 +1,5 @@
-"""LyCORIS LoHa layers rewritten as exact LoRA pairs, so they take every path a LoRA takes.
+"""LyCORIS layers: LoHa rewritten as exact LoRA pairs, so they take every path a LoRA takes; LoKr as the
+factors of a full weight delta (merged by lora_loading/deltas.py).
 
 A LoHa layer's update is ((w1_a @ w1_b) * (w2_a @ w2_b)) * alpha / rank. A Hadamard product of two
 products factors exactly: with A[i, (k, l)] = w1_a[i, k] * w2_a[i, l] and
@@ -19,6 +20,43 @@ from errors import LoraFormatError
 
 MAX_RANK = 256  # the LoRA rank a LoHa may become (a LoHa of rank 16); past it, memory grows like a full copy
 HADA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
+LOKR_PARTS = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+
+
+def lokr_factors(
+    parts: dict[str, torch.Tensor], alpha: torch.Tensor | None, layer: str, input_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1 with the layer's scale folded in, w2), whose Kronecker product is the layer's update.
+
+    Each factor is kept whole (`lokr_w1`) or as a low-rank pair (`_a` @ `_b`). The scale is LyCORIS's
+    alpha / rank, the rank being that of the pairs; a layer with both factors whole has scale 1, whatever
+    its alpha (LyCORIS sets alpha = rank then; ComfyUI's loader reads it the same way)."""
+    if ".lokr_t2" in parts:
+        raise LoraFormatError(
+            f"Invalid {input_name}: the LoKr layer {layer} is a Tucker (lokr_t2) convolution LoKr, which FLUX.1's "
+            "Linear layers cannot take."
+        )
+    factors, rank = [], None
+    for name in ("w1", "w2"):
+        whole, down_up = parts.get(f".lokr_{name}"), (parts.get(f".lokr_{name}_a"), parts.get(f".lokr_{name}_b"))
+        if whole is not None and down_up == (None, None):
+            factors.append(whole.float())
+        elif whole is None and None not in down_up:
+            up, down = down_up
+            assert up is not None and down is not None
+            if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+                raise LoraFormatError(f"Invalid {input_name}: the LoKr layer {layer} has a malformed {name} pair.")
+            factors.append(up.float() @ down.float())
+            rank = down.shape[0]
+        else:
+            raise LoraFormatError(
+                f"Invalid {input_name}: the LoKr layer {layer} lacks its {name} factor (lokr_{name}, or lokr_{name}_a "
+                f"with lokr_{name}_b)."
+            )
+    if any(factor.ndim != 2 for factor in factors):
+        raise LoraFormatError(f"Invalid {input_name}: the LoKr layer {layer} is not a Linear LoKr.")
+    scale = float(alpha) / rank if alpha is not None and rank else 1.0
+    return factors[0] * scale, factors[1]
 
 
 def loha_to_lora(state_dict: dict[str, torch.Tensor], input_name: str) -> dict[str, torch.Tensor]:

@@ -26,13 +26,13 @@ import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig
 
-from lora_loading.adapters import BiasDeltas
+from lora_loading.deltas import ParameterDeltas
 from lora_loading.formats import (
     DORA_MAGNITUDE,
     LoraFile,
     check_lora_matches,
     read_lora,
-    transformer_bias_deltas,
+    transformer_deltas,
 )
 
 log = logging.getLogger(__name__)
@@ -74,17 +74,17 @@ def lora_factors(to_load: dict[str, torch.Tensor]) -> Factors:
 class LoraSlots:
     """The LoRA state of one fast pipeline; the same `apply` as LoraAdapters."""
 
-    def __init__(self, pipeline: FluxPipeline, biases: BiasDeltas | None = None):
+    def __init__(self, pipeline: FluxPipeline, in_place: ParameterDeltas | None = None):
         self.pipeline = pipeline
         # Shared with the model's standard path (the fast copy shares its biases): a go_fast request
         # wants the original biases, so it puts back whatever a standard-path request added.
-        self.biases = biases or BiasDeltas()
+        self.in_place = in_place or ParameterDeltas()
         self.factors: dict[str, Factors] = {}  # by source key: a scale change reads no file
         self.written: tuple[tuple[str, float], ...] | None = None  # what the slot holds
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         transformer = self.pipeline.transformer
-        self.biases.restore()
+        self.in_place.restore()
         if not loras:
             transformer.disable_adapters()
             return
@@ -116,11 +116,11 @@ class LoraSlots:
         if lora.key not in self.factors:
             state_dict = read_lora(lora)
             to_load = check_lora_matches(self.pipeline, state_dict, lora.input_name)
-            if transformer_bias_deltas(state_dict, self.pipeline.transformer, lora.input_name) or any(
+            if transformer_deltas(state_dict, self.pipeline.transformer, lora.input_name) or any(
                 key.endswith(DORA_MAGNITUDE) for key in to_load
             ):
                 # The engine sends these to the standard path (standard_path_reason): the slot holds pairs only.
-                raise RuntimeError(f"{lora.input_name}: bias deltas or DoRA reached the go_fast LoRA slot")
+                raise RuntimeError(f"{lora.input_name}: in-place deltas or DoRA reached the go_fast LoRA slot")
             self.factors[lora.key] = lora_factors(to_load)
         return self.factors[lora.key]
 

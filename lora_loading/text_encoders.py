@@ -16,8 +16,10 @@ Layouts, per encoder (kohya names are flattened module paths, the others dotted)
 - CLIP-L: kohya `lora_te1_` / `lora_te_`, diffusers `text_encoder.`, ComfyUI `text_encoders.clip_l.transformer.`;
 - T5-XXL: kohya `lora_te3_`, OneTrainer `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
   `text_encoders.t5xxl.transformer.`.
-Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B),
-`.alpha` and `.diff_b` (bias deltas). Anything else under an encoder's prefix refuses the file,
+Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B), `.alpha`,
+`.diff_b` and `.diff` (bias and weight deltas: ComfyUI's extract writes the norms' weights so) and LyCORIS
+LoKr factors. A LoRA pair on a layer that is not Linear (ComfyUI extracts the token and position
+embeddings so) becomes a weight delta. Anything else under an encoder's prefix refuses the file,
 naming the keys.
 """
 
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from errors import LoraFormatError
+from lora_loading.deltas import Delta
+from lora_loading.lycoris import LOKR_PARTS, lokr_factors
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Encoder:
     kohya_prefixes: tuple[str, ...]  # flattened module names follow
     dotted_prefixes: tuple[str, ...]  # dotted module names follow
     legacy_prefix: str = ""  # a module-name prefix LoRA files carry and transformers 5's modules lack
+    # Layers other models' encoders have and FLUX.1's pipelines never run, with why: skipped, and logged.
+    unused: tuple[tuple[str, str], ...] = ()
 
 
 CLIP = Encoder(
@@ -45,6 +51,9 @@ CLIP = Encoder(
     ("lora_te1_", "lora_te_"),
     ("text_encoder.", "text_encoders.clip_l.transformer."),
     legacy_prefix="text_model.",
+    # ComfyUI's CLIP-L has it, and its extract writes a LoRA for it; FLUX.1 takes CLIP's pooled output
+    # before any projection (transformers' CLIPTextModel, as ComfyUI's FLUX.1 text encoder also does).
+    unused=(("text_projection", "FLUX.1 takes CLIP-L's pooled output before that projection"),),
 )
 T5 = Encoder(
     "text_encoder_2",
@@ -60,15 +69,19 @@ PARTS = {
     ".lora_B.weight": "B",
     ".alpha": "alpha",
     ".diff_b": "bias",  # ComfyUI's bias delta: bias += scale x delta
+    ".diff": "weight",  # ComfyUI's weight delta: weight += scale x delta
+    **{suffix: suffix for suffix in LOKR_PARTS},
 }
 
 
 @dataclass
 class EncoderLora:
-    """One file's LoRA for one encoder: per module, (A with alpha/rank folded in, B); and bias deltas."""
+    """One file's LoRA for one encoder: per Linear module, (A with alpha/rank folded in, B); and what is
+    added into parameters in place, by parameter name."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # layers FLUX.1 never runs, each with why
 
 
 def encoder_of(key: str) -> tuple[Encoder, str, bool] | None:
@@ -104,7 +117,7 @@ def text_encoder_loras(
         if found is None:
             continue
         encoder, rest, flattened = found
-        suffix = next((suffix for suffix in PARTS if rest.endswith(suffix)), None)
+        suffix = max((suffix for suffix in PARTS if rest.endswith(suffix)), key=len, default=None)
         if suffix is None:
             unsupported.append(key)
             continue
@@ -112,51 +125,96 @@ def text_encoder_loras(
     if unsupported:
         raise LoraFormatError(
             f"Invalid {input_name}: these text-encoder tensors are of a kind this predictor cannot apply "
-            f"(plain LoRA pairs and alphas only): {_first(unsupported)}."
+            f"(LoRA pairs, alphas, .diff/.diff_b deltas and LoKr only): {_first(unsupported)}."
         )
     loras: dict[str, EncoderLora] = {}
     unmatched = []
     names = {encoder.attribute: _names(encoder, models[encoder.attribute]) for encoder in ENCODERS}
-    layers = {attribute: linear_layers(model) for attribute, model in models.items()}
+    weighted = {attribute: weighted_modules(model) for attribute, model in models.items()}
     for (encoder, name, flattened), parts in grouped.items():
         module_name = names[encoder.attribute][flattened].get(name)
+        unused = next((why for layer, why in encoder.unused if name.endswith(_spelled(layer, flattened))), None)
+        if module_name is None and unused:
+            skipped = f"{name} ({encoder.label}: {unused})"
+            loras.setdefault(encoder.attribute, EncoderLora()).skipped.append(skipped)
+            continue
         if module_name is None:
             unmatched.append(f"{name} ({encoder.label})")
             continue
-        module = layers[encoder.attribute][module_name]
-        if "bias" in parts:
-            if module.bias is None or parts["bias"].shape != module.bias.shape:
-                raise LoraFormatError(
-                    f"Invalid {input_name}: the bias delta for the {encoder.label} layer {module_name} does not fit "
-                    "its bias; it was trained for another text encoder."
-                )
-            loras.setdefault(encoder.attribute, EncoderLora()).biases[module_name] = parts["bias"].float()
-            if not parts.keys() - {"bias"}:
-                continue
-        if "A" not in parts or "B" not in parts:
-            raise LoraFormatError(
-                f"Invalid {input_name}: the {encoder.label} layer {module_name} has only half of a LoRA pair."
-            )
-        down, up = parts["A"].float(), parts["B"].float()
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] == 0:
-            raise LoraFormatError(
-                f"Invalid {input_name}: the {encoder.label} layer {module_name} has a malformed pair."
-            )
-        if (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
-            raise LoraFormatError(
-                f"Invalid {input_name}: the {encoder.label} layer {module_name} is {module.in_features}->"
-                f"{module.out_features} in FLUX.1, and the LoRA's is {down.shape[1]}->{up.shape[0]}; "
-                "it was trained for another text encoder."
-            )
-        rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)  # no alpha: alpha = rank, as peft
-        loras.setdefault(encoder.attribute, EncoderLora()).modules[module_name] = (down * (alpha / rank), up)
+        lora = loras.setdefault(encoder.attribute, EncoderLora())
+        _encoder_layer(lora, weighted[encoder.attribute][module_name], module_name, parts, encoder, input_name)
     if unmatched:
         raise LoraFormatError(
             f"Invalid {input_name}: {len(unmatched)} text-encoder LoRA layers name no layer of FLUX.1's text "
             f"encoders; first: {_first(unmatched)}."
         )
     return loras
+
+
+def _encoder_layer(
+    lora: EncoderLora,
+    module: torch.nn.Module,
+    module_name: str,
+    parts: dict[str, torch.Tensor],
+    encoder: Encoder,
+    input_name: str,
+) -> None:
+    """One layer's tensors into `lora`, each checked against the layer's own shapes."""
+    where = f"the {encoder.label} layer {module_name}"
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if "bias" in parts:
+        if bias is None or parts["bias"].shape != bias.shape:
+            raise LoraFormatError(
+                f"Invalid {input_name}: the bias delta for {where} does not fit its bias; it was trained for "
+                "another text encoder."
+            )
+        lora.deltas[f"{module_name}.bias"] = Delta(tensor=parts["bias"])
+    kinds = [kind for kind in ("weight", "A", ".lokr_w1", ".lokr_w1_a") if kind in parts]
+    if len(kinds) > 1:
+        raise LoraFormatError(f"Invalid {input_name}: {where} holds more than one kind of update ({kinds}).")
+    if "weight" in parts:
+        delta = Delta(tensor=parts["weight"])
+    elif any(part.startswith(".lokr_") for part in parts):
+        delta = Delta(factors=lokr_factors(parts, parts.get("alpha"), module_name, input_name))
+    elif "A" in parts or "B" in parts:
+        if "A" not in parts or "B" not in parts:
+            raise LoraFormatError(f"Invalid {input_name}: {where} has only half of a LoRA pair.")
+        down, up = parts["A"].float(), parts["B"].float()
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] == 0:
+            raise LoraFormatError(f"Invalid {input_name}: {where} has a malformed pair.")
+        rank = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)  # no alpha: alpha = rank, as peft
+        if isinstance(module, torch.nn.Linear):
+            if (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
+                raise LoraFormatError(
+                    f"Invalid {input_name}: {where} is {module.in_features}->{module.out_features} in FLUX.1, and "
+                    f"the LoRA's is {down.shape[1]}->{up.shape[0]}; it was trained for another text encoder."
+                )
+            lora.modules[module_name] = (down * (alpha / rank), up)
+            return
+        delta = Delta(factors=(up, down * (alpha / rank)), op="mm")  # an embedding: weight += B @ A
+    else:
+        return
+    if weight is None or delta.shape != tuple(weight.shape):
+        raise LoraFormatError(
+            f"Invalid {input_name}: the update for {where} is {delta.shape} where its weight is "
+            f"{tuple(weight.shape) if weight is not None else 'absent'}; it was trained for another text encoder."
+        )
+    lora.deltas[f"{module_name}.weight"] = delta
+
+
+def weighted_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every layer with a weight a file may change (Linear, embeddings, norms), by name; Linear layers as
+    `linear_layers` gives them."""
+    modules = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+        and ".lora_" not in f".{name}"
+        and not name.endswith(".base_layer")
+    }
+    return {**modules, **linear_layers(model)}
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -173,11 +231,15 @@ def _names(encoder: Encoder, model: torch.nn.Module) -> dict[bool, dict[str, str
     """How LoRA files may spell each layer, to its module name: dotted ({False: ...}) or kohya-flattened
     ({True: ...}), each with and without the legacy prefix."""
     spellings: dict[bool, dict[str, str]] = {False: {}, True: {}}
-    for module_name in linear_layers(model):
+    for module_name in weighted_modules(model):
         for spelled in {module_name, encoder.legacy_prefix + module_name}:
             spellings[False][spelled] = module_name
             spellings[True][spelled.replace(".", "_")] = module_name
     return spellings
+
+
+def _spelled(name: str, flattened: bool) -> str:
+    return name.replace(".", "_") if flattened else name
 
 
 def _first(items: list[str], count: int = 3) -> str:

@@ -221,21 +221,37 @@ def test_go_fast_requests_take_text_encoder_loras_too(fast_predictor: Any, tmp_p
     assert png(fast_predictor, go_fast=True, replicate_weights=text_only) == adapted
 
 
-def test_go_fast_requests_with_bias_deltas_run_the_standard_path_and_leave_no_trace(
-    fast_predictor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("diff_b", "bias deltas (.diff_b)"),
+        ("diff", "full weight deltas (.diff)"),
+        ("lokr", "LyCORIS LoKr layers"),
+    ],
+)
+def test_go_fast_requests_with_in_place_deltas_run_the_standard_path_and_leave_no_trace(
+    fast_predictor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, reason: str
 ) -> None:
-    """The slot holds LoRA pairs only, so a LoRA with .diff_b runs on the bf16 model (logged); as the fp8
-    copy shares the bf16 biases, the next go_fast request must find them as they were."""
+    """The slot holds LoRA pairs only, so a LoRA with .diff_b, .diff or LoKr layers runs on the bf16 model
+    (logged); as the fp8 copy shares the bf16 biases, the next go_fast request must find them as they were."""
     import safetensors.torch
 
-    transformer = fast_predictor.engine.models["dev"].text_to_image.transformer
-    deltas = {"diffusion_model.img_in.diff_b": torch.randn(transformer.x_embedder.out_features) * 0.5}
+    layer = fast_predictor.engine.models["dev"].text_to_image.transformer.x_embedder
+    out_features, in_features = layer.out_features, layer.in_features
+    deltas = {
+        "diff_b": {"diffusion_model.img_in.diff_b": torch.randn(out_features) * 0.5},
+        "diff": {"diffusion_model.img_in.diff": torch.randn(out_features, in_features) * 0.1},
+        "lokr": {
+            "lora_unet_img_in.lokr_w1": torch.randn(2, 2),
+            "lora_unet_img_in.lokr_w2": torch.randn(out_features // 2, in_features // 2) * 0.1,
+        },
+    }[kind]
     path = tmp_path / "deltas.safetensors"
     safetensors.torch.save_file(deltas, str(path))
     base = png(fast_predictor, go_fast=True)
     with caplog.at_level(logging.INFO):
         from_fast = png(fast_predictor, go_fast=True, replicate_weights=data_uri(path))
-    assert "has bias deltas (.diff_b), which the fast path cannot hold" in caplog.text
+    assert f"has {reason}, which the fast path cannot hold" in caplog.text
     assert from_fast == png(fast_predictor, replicate_weights=data_uri(path))  # the standard path's bytes
     assert png(fast_predictor, go_fast=True) == base
 

@@ -208,15 +208,15 @@ def test_a_partly_matching_lora_is_refused_and_changes_nothing(
 @pytest.mark.parametrize(
     ("extra", "kind"),
     [
-        ({"lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)}, "full weight deltas (.diff)"),
-        ({"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(4, 4)}, "LyCORIS LoKr (lokr_*)"),
+        ({"lora_unet_double_blocks_0_img_attn_proj.lora_mid.weight": torch.ones(4, 4, 3, 3)}, "LoCon convolution"),
+        ({"lora_unet_double_blocks_0_img_attn_proj.oft_blocks": torch.ones(4, 8, 8)}, "unknown"),
     ],
-    ids=["diff", "LoKr"],
+    ids=["LoCon-mid", "OFT"],
 )
 def test_a_file_with_tensor_kinds_we_cannot_apply_is_refused_by_kind(
     predictor: Any, tensors: dict, reference: bytes, tmp_path: Path, extra: dict, kind: str
 ) -> None:
-    """diffusers drops these with at most a log line, and applies the rest: a different model."""
+    """Applying the rest would be another model."""
     with pytest.raises(InputError) as caught:
         image(predictor, data_uri_of({**kohya_layout(tensors), **extra}, tmp_path, "strange"))
     message = str(caught.value)

@@ -246,3 +246,124 @@ def test_text_encoder_bias_deltas_apply_and_come_back(predictor: Any, base: dict
     torch.testing.assert_close(getattr(q_proj, "base_layer", q_proj).bias, original + 0.5 * delta, rtol=0, atol=1e-6)
     assert image(predictor) == base["dev"]
     assert torch.equal(getattr(q_proj, "base_layer", q_proj).bias, original)
+
+
+def comfyui_extract(model: torch.nn.Module, prefix: str, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """What ComfyUI's LoraSave node (comfy_extras/nodes_lora_extract.py, bias_diff on by default) writes for a
+    text encoder: a rank-r pair (lora_up, lora_down, no alpha) for every 2-D weight, embeddings included,
+    `.diff` for 1-D weights (the norms) and `.diff_b` for biases. And the change each parameter should get."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict, changes = {}, {}
+    for name, parameter in model.named_parameters():
+        name = name.replace(".base_layer.", ".")
+        if ".lora_" in name:
+            continue
+        module, kind = name.rsplit(".", 1)
+        key = prefix + module
+        if kind == "bias":
+            state_dict[f"{key}.diff_b"] = changes[name] = torch.randn(parameter.shape, generator=generator) * 0.3
+        elif parameter.ndim < 2:
+            state_dict[f"{key}.diff"] = changes[name] = torch.randn(parameter.shape, generator=generator) * 0.3
+        else:
+            up = torch.randn(parameter.shape[0], RANK, generator=generator) * 0.3
+            down = torch.randn(RANK, parameter.shape[1], generator=generator) * 0.3
+            state_dict[f"{key}.lora_up.weight"], state_dict[f"{key}.lora_down.weight"] = up.half(), down.half()
+            changes[name] = up.half().float() @ down.half().float()
+    return state_dict, changes
+
+
+def own_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter of the base model, by its name without peft's wrapper; LoRA factors left out."""
+    return {
+        name.replace(".base_layer.", "."): parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if ".lora_" not in name
+    }
+
+
+@pytest.mark.parametrize(
+    ("attribute", "prefix"),
+    [
+        ("text_encoder", "text_encoders.clip_l.transformer.text_model."),
+        ("text_encoder_2", "text_encoders.t5xxl.transformer."),
+    ],
+    ids=["clip_l", "t5xxl"],
+)
+def test_a_comfyui_text_encoder_extract_applies_every_tensor(
+    predictor: Any,
+    base: dict[str, bytes],
+    tmp_path: Path,
+    attribute: str,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every tensor of the extract takes effect: the Linear layers' pairs through peft, and the embeddings'
+    pairs, the norms' `.diff` and the biases' `.diff_b` in place. CLIP's text_projection, which ComfyUI's
+    CLIP has and FLUX.1 never runs, is skipped with a log line."""
+    image(predictor)  # no LoRA: plain modules
+    model = encoders(predictor)[attribute]
+    originals = own_parameters(model)
+    state_dict, changes = comfyui_extract(model, prefix, seed=21)
+    assert any(".diff" in key for key in state_dict) and any("embed" in key or "shared" in key for key in state_dict)
+    if attribute == "text_encoder":
+        projection = "text_encoders.clip_l.transformer.text_projection"
+        state_dict[f"{projection}.lora_up.weight"] = torch.ones(32, RANK)
+        state_dict[f"{projection}.lora_down.weight"] = torch.ones(RANK, 32)
+    source = as_uri(state_dict, tmp_path, "extract")
+    with caplog.at_level("WARNING"):
+        assert image(predictor, source, lora_scale=0.5) != base["dev"]
+    if attribute == "text_encoder":
+        assert (
+            "skipped the LoRA layer text_projection (CLIP-L text encoder: FLUX.1 takes CLIP-L's pooled" in caplog.text
+        )
+    wrapped = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "base_layer", None), torch.nn.Linear)
+    }
+    for name in wrapped:  # a peft-wrapped Linear: its output carries the pair
+        module = model.get_submodule(name)
+        x = torch.randn(2, module.base_layer.in_features)
+        got = module(x) - module.base_layer(x)
+        torch.testing.assert_close(got, 0.5 * x @ changes[f"{name}.weight"].T, rtol=1e-4, atol=1e-4, msg=name)
+    in_place = [name for name in changes if name.removesuffix(".weight") not in wrapped]
+    now = own_parameters(model)
+    for name in in_place:  # embeddings, norms and biases
+        torch.testing.assert_close(now[name], originals[name] + 0.5 * changes[name], rtol=0, atol=1e-5, msg=name)
+    applied = len(wrapped) + len(in_place)
+    assert applied == len(changes)
+    assert image(predictor) == base["dev"]
+    assert all(torch.equal(parameter, originals[name]) for name, parameter in own_parameters(model).items())
+
+
+def test_a_lycoris_lokr_on_the_text_encoders_merges_and_comes_back(
+    predictor: Any, base: dict[str, bytes], tmp_path: Path
+) -> None:
+    """LyCORIS's kohya wrapper trains the encoders under kohya's names: each layer's weight gains
+    s * kron(w1, w2_a @ w2_b) * alpha / rank, and comes back exactly."""
+    image(predictor)
+    generator = torch.Generator().manual_seed(31)
+    layers = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (
+            "text_encoder_2",
+            "encoder.block.0.layer.0.SelfAttention.q",
+        ),
+    }
+    state_dict, expected, originals = {}, {}, {}
+    for kohya, (attribute, name) in layers.items():
+        weight = encoders(predictor)[attribute].get_submodule(name).weight
+        w1 = torch.randn(4, 4, generator=generator)
+        w2_a = torch.randn(weight.shape[0] // 4, 2, generator=generator)
+        w2_b = torch.randn(2, weight.shape[1] // 4, generator=generator)
+        state_dict |= {f"{kohya}.lokr_w1": w1, f"{kohya}.lokr_w2_a": w2_a, f"{kohya}.lokr_w2_b": w2_b}
+        state_dict[f"{kohya}.alpha"] = torch.tensor(1.0)
+        expected[attribute, name] = torch.kron(w1, w2_a @ w2_b) * 0.5  # alpha 1 / rank 2
+        originals[attribute, name] = weight.detach().clone()
+    assert image(predictor, as_uri(state_dict, tmp_path, "te-lokr"), lora_scale=0.3) != base["dev"]
+    for (attribute, name), change in expected.items():
+        weight = encoders(predictor)[attribute].get_submodule(name).weight
+        torch.testing.assert_close(weight, originals[attribute, name] + 0.3 * change, rtol=0, atol=1e-5)
+    assert image(predictor) == base["dev"]
+    for (attribute, name), original in originals.items():
+        assert torch.equal(encoders(predictor)[attribute].get_submodule(name).weight, original)

@@ -1,0 +1,97 @@
+"""Deltas added into a model's own parameters in place, with the exact originals put back afterwards.
+
+For what peft's LoRA layers cannot hold:
+- ComfyUI's bias deltas (`.diff_b`, its extract node's default) and full weight deltas (`.diff`: its
+  `full_diff` mode, and the norm weights of a text-encoder extract);
+- LyCORIS LoKr layers. Their update kron(w1, w2) is usually of full rank (FLUX LoKr files mostly keep
+  full factors), so it has no exact LoRA form. peft's LoKr layers would be a second adapter type beside
+  the LoRA ones and recompute the full delta in every forward; merged here it costs nothing per step.
+
+A delta stays in the file's small form (a tensor, or two factors) until it is applied, and is made
+on the parameter's device then. Originals are kept on the CPU: a LoKr over every layer of FLUX.1
+would otherwise hold a second transformer in GPU memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """A parameter's change at scale 1.
+
+    `tensor` is the change itself, or with `factors` it is computed as `op(*factors)` (torch.kron for
+    LoKr, torch.mm for a LoRA pair on a layer peft does not wrap). `rows` picks and orders the rows
+    of that result a module takes, for BFL's fused layers; None takes all."""
+
+    tensor: torch.Tensor | None = None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    op: str = "kron"  # "kron" or "mm", for factors
+    rows: tuple[slice, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.tensor is not None:
+            full = tuple(self.tensor.shape)
+        else:
+            assert self.factors is not None
+            first, second = (tuple(factor.shape) for factor in self.factors)
+            if self.op == "mm":
+                full = (first[0], second[1])
+            else:
+                full = tuple(a * b for a, b in zip(first, second, strict=True))
+        if self.rows is None:
+            return full
+        return (sum(len(range(*row.indices(full[0]))) for row in self.rows), *full[1:])
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The delta in float32 on `device`."""
+        if self.tensor is not None:
+            full = self.tensor
+            pieces = [full[row] for row in self.rows] if self.rows is not None else [full]
+            return torch.cat([piece.to(device, torch.float32) for piece in pieces])
+        assert self.factors is not None
+        first, second = (factor.to(device, torch.float32) for factor in self.factors)
+        full = torch.kron(first, second) if self.op == "kron" else first @ second
+        return full if self.rows is None else torch.cat([full[row] for row in self.rows])
+
+
+class ParameterDeltas:
+    """Deltas added into parameters in place, and the exact originals kept to put back.
+
+    One per transformer: its go_fast copy shares the bf16 biases, so both paths of a model see what
+    this holds, and each request sets it (the fast path to nothing). The text encoders have one too."""
+
+    def __init__(self) -> None:
+        self.originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        self.current: tuple[tuple[int, int, float], ...] = ()
+
+    @torch.no_grad()
+    def set(self, deltas: Sequence[tuple[torch.nn.Parameter, Delta, float]]) -> None:
+        """(parameter, delta, scale) each: parameter = original + scale x delta; nothing given: the originals.
+        The same deltas at the same scales as now change nothing, so a repeated request copies no weights."""
+        wanted = tuple((id(parameter), id(delta), scale) for parameter, delta, scale in deltas)
+        if wanted == self.current:
+            return
+        self.restore()
+        try:
+            for parameter, delta, scale in deltas:
+                if id(parameter) not in self.originals:
+                    self.originals[id(parameter)] = (parameter, parameter.detach().to("cpu", copy=True))
+                change = delta.on(parameter.device)
+                parameter.add_((change * scale).to(parameter.dtype))
+        except BaseException:
+            self.restore()
+            raise
+        self.current = wanted
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for parameter, original in self.originals.values():
+            parameter.copy_(original)
+        self.originals = {}
+        self.current = ()
