@@ -1,0 +1,477 @@
+"""Each trainer's file, written the way that trainer's own saving code writes it, must apply every
+tensor it holds, exactly: afterwards each Linear layer of the demo transformer computes
+W + s * dW (and b + s * db) for the dW the trainer meant, and every other layer is untouched.
+A request without the file then finds the base model bit for bit.
+
+What each writer does was read in its source (2026-12):
+- ai-toolkit, `toolkit/network_mixins.py` `get_state_dict` (peft_format for FLUX): every Linear in the
+  double and single blocks, `transformer.<diffusers module>.lora_A/.lora_B`, fp16, `.alpha` dropped
+  (alpha = rank); its `all_layers` option adds `<module>.diff` for the norms; LoKr keeps `.alpha`.
+- kohya sd-scripts, `networks/lora_flux.py`: BFL names flattened under `lora_unet_`, one pair per fused
+  layer, `.alpha` in the save precision; `train_blocks` picks double or single blocks, `in_dims` adds the
+  embedders; `split_qkv` saves q/k/v (and linear1's four parts) stacked with a block-diagonal up and
+  an unchanged alpha (its state_dict override).
+- ComfyUI's Train LoRA node, `comfy_extras/nodes_train.py`: every Linear of `diffusion_model.` in BFL
+  names, `lora_up/lora_down` and the adapter's `alpha` parameter (1.0), plus `.diff_b` for every bias.
+- ComfyUI's extract node, `comfy_extras/nodes_lora_extract.py` (standard, bias_diff on): `lora_up`,
+  `lora_down` in fp16 without alpha, and `.diff_b`.
+- SimpleTuner's ComfyUI export, `simpletuner/helpers/training/lora_format.py` `convert_diffusers_to_comfyui`:
+  for FLUX it keeps the `transformer.` names and adds a float32 `.alpha` per module, with diffusers'
+  adapter metadata in the header.
+- OneTrainer, `modules/util/convert_lora_util.py` and `FluxModel.diffusers_to_original`: DIFFUSERS (split
+  names, alpha folded into lora_B), KOHYA (`lora_unet_`, fused layers trained fused), ORIGINAL (bare BFL
+  names, lora_A/lora_B and `.alpha`), COMFY (the same under `diffusion_model.`), LEGACY (the "mixture":
+  `lora_transformer_` + flattened diffusers names).
+- fal's trainer is not public; its API returns a `diffusers_lora_file`, which is the diffusers/PEFT
+  layout ai-toolkit's shows (covered there, not from fal's code).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import fast
+from tests.test_lora_coverage import flux  # noqa: F401  (the meta-device FLUX.1 dev fixture)
+from tests.test_lora_formats import data_uri_of
+
+RANK = 4
+Pair = tuple[torch.Tensor, torch.Tensor]  # (down, up)
+
+# BFL's module -> the demo transformer's (diffusers') modules its output rows go to, in order, as
+# ComfyUI's comfy/ldm/flux/layers.py lays BFL's model out. Written out here rather than taken from
+# lora_loading, so the mapping under test is not also the expectation.
+BFL_DOUBLE = {
+    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "img_attn.proj": ["attn.to_out.0"],
+    "img_mlp.0": ["ff.net.0.proj"],
+    "img_mlp.2": ["ff.net.2"],
+    "img_mod.lin": ["norm1.linear"],
+    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "txt_attn.proj": ["attn.to_add_out"],
+    "txt_mlp.0": ["ff_context.net.0.proj"],
+    "txt_mlp.2": ["ff_context.net.2"],
+    "txt_mod.lin": ["norm1_context.linear"],
+}
+# linear1 (q, k, v and the MLP input) is left to test_kohya_linear1_at_full_width: diffusers' converter
+# splits it by FLUX.1's own widths (3 x 3072 + 12288), which the demo model does not have.
+BFL_SINGLE = {
+    "linear2": ["proj_out"],
+    "modulation.lin": ["norm.linear"],
+}
+BFL_IN = {  # kohya's in_dims: img, time, vector, guidance, txt
+    "img_in": ["x_embedder"],
+    "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+    "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+    "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+    "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+    "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+    "txt_in": ["context_embedder"],
+}
+BFL_FINAL = {"final_layer.linear": ["proj_out"], "final_layer.adaLN_modulation.1": ["norm_out.linear"]}
+
+
+def bfl_layers(double: bool = True, single: bool = True, inputs: bool = False, final: bool = False) -> dict:
+    layers = {}
+    if double:
+        layers |= {f"double_blocks.0.{k}": [f"transformer_blocks.0.{t}" for t in v] for k, v in BFL_DOUBLE.items()}
+    if single:
+        layers |= {
+            f"single_blocks.0.{k}": [f"single_transformer_blocks.0.{t}" for t in v] for k, v in BFL_SINGLE.items()
+        }
+    return layers | (BFL_IN if inputs else {}) | (BFL_FINAL if final else {})
+
+
+def transformer_of(predictor: Any) -> torch.nn.Module:
+    return predictor.engine.models["dev"].text_to_image.transformer
+
+
+def linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each Linear layer by name; under a loaded LoRA, peft's wrapper (whose output carries it)."""
+    found = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"):
+            found[name] = module
+    return found
+
+
+@torch.no_grad()
+def effective(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """What each Linear layer computes, as (weight, bias): its output on the identity and on zero."""
+    computed = {}
+    for name, layer in linears(model).items():
+        in_features = getattr(layer, "base_layer", layer).in_features
+        zero = layer(torch.zeros(1, in_features))[0]
+        weight = (layer(torch.eye(in_features)) - zero).T
+        computed[name] = (weight, zero if getattr(layer, "base_layer", layer).bias is not None else None)
+    return computed
+
+
+def random_pair(out_features: int, in_features: int, generator: torch.Generator, rank: int = RANK) -> Pair:
+    return exact(torch.randn(rank, in_features, generator=generator)), exact(
+        torch.randn(out_features, rank, generator=generator)
+    )
+
+
+def exact(values: torch.Tensor) -> torch.Tensor:
+    """Multiples of 1/64 below 2: what fp16 and bf16 saves keep exactly, so expectations need no rounding model."""
+    return (values * 0.3 * 64).round().clamp(-127, 127) / 64
+
+
+def fused_file(
+    predictor: Any, layers: dict[str, list[str]], seed: int, alpha: float | None
+) -> tuple[dict[str, Pair], dict[str, torch.Tensor]]:
+    """One pair per BFL layer over its fused output, and the update each diffusers module gets at scale 1."""
+    transformer = transformer_of(predictor)
+    generator = torch.Generator().manual_seed(seed)
+    pairs, expected = {}, {}
+    for bfl, targets in layers.items():
+        modules = [getattr(transformer.get_submodule(t), "base_layer", transformer.get_submodule(t)) for t in targets]
+        down, up = random_pair(sum(m.out_features for m in modules), modules[0].in_features, generator)
+        pairs[bfl] = (down, up)
+        update = up @ down * ((alpha / RANK) if alpha is not None else 1.0)
+        if bfl == "final_layer.adaLN_modulation.1":  # BFL's (shift, scale) is diffusers' (scale, shift)
+            update = torch.cat(update.chunk(2)[::-1])
+        expected |= dict(zip(targets, update.split([m.out_features for m in modules]), strict=True))
+    return pairs, expected
+
+
+def split_file(predictor: Any, seed: int) -> tuple[dict[str, Pair], dict[str, torch.Tensor]]:
+    """One pair per diffusers Linear in the blocks (ai-toolkit's and the diffusers layout's targets)."""
+    transformer = transformer_of(predictor)
+    generator = torch.Generator().manual_seed(seed)
+    pairs, expected = {}, {}
+    for name, layer in linears(transformer).items():
+        if name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            base = getattr(layer, "base_layer", layer)
+            pairs[name] = random_pair(base.out_features, base.in_features, generator)
+            expected[name] = pairs[name][1] @ pairs[name][0]
+    return pairs, expected
+
+
+def check_applies(
+    predictor: Any,
+    tmp_path: Path,
+    state_dict: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    biases: dict[str, torch.Tensor] | None = None,
+    scale: float = 0.7,
+) -> None:
+    """At lora_scale `scale`, every Linear computes base + scale x its update (none for the rest); then the base."""
+    transformer = transformer_of(predictor)
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    base = effective(transformer)
+    source = data_uri_of(state_dict, tmp_path, "trained")
+    adapted = fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, lora_scale=scale)[0]
+    assert adapted != base_image
+    now = effective(transformer)
+    assert set(weights) <= set(now) and set(biases or {}) <= set(now)
+    for name, (weight, bias) in now.items():
+        want = base[name][0] + scale * weights[name] if name in weights else base[name][0]
+        torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name} weight: {m}")
+        if bias is not None:
+            want_bias = base[name][1] + scale * biases[name] if biases and name in biases else base[name][1]
+            torch.testing.assert_close(
+                bias, want_bias, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name} bias: {m}"
+            )
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+    assert all(
+        torch.equal(now_w, w) for (now_w, _), (w, _) in zip(effective(transformer).values(), base.values(), strict=True)
+    )
+
+
+def flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+# ai-toolkit ---------------------------------------------------------------------------------------
+
+
+def test_ai_toolkit_peft_format(predictor: Any, tmp_path: Path) -> None:
+    pairs, expected = split_file(predictor, seed=1)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict[f"transformer.{name}.lora_A.weight"] = down.half()
+        state_dict[f"transformer.{name}.lora_B.weight"] = up.half()
+    assert len(pairs) == 20  # every Linear of one double (14) and one single block (6)
+    check_applies(predictor, tmp_path, state_dict, expected)
+
+
+def test_ai_toolkit_all_layers_adds_the_norms_as_diff(predictor: Any, tmp_path: Path) -> None:
+    """`all_layers`: every weight-bearing leaf that is not Linear (FLUX's RMS norms) is trained whole and
+    saved as `<module>.diff`."""
+    transformer = transformer_of(predictor)
+    fast(predictor, prompt="a cat")
+    pairs, expected = split_file(predictor, seed=2)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict[f"transformer.{name}.lora_A.weight"] = down.half()
+        state_dict[f"transformer.{name}.lora_B.weight"] = up.half()
+    norms = {n: m for n, m in transformer.named_modules() if type(m).__name__ == "RMSNorm"}
+    assert len(norms) == 6  # norm_q/k and norm_added_q/k of the double block, norm_q/k of the single one
+    generator = torch.Generator().manual_seed(3)
+    originals = {n: m.weight.detach().clone() for n, m in norms.items()}
+    diffs = {n: (torch.randn(m.weight.shape, generator=generator) * 0.2).half() for n, m in norms.items()}
+    state_dict |= {f"transformer.{n}.diff": d for n, d in diffs.items()}
+    check_applies(predictor, tmp_path, state_dict, expected)  # the Linears; the norms, at scale 0.7:
+    fast(predictor, prompt="a cat", replicate_weights=data_uri_of(state_dict, tmp_path, "norms"), lora_scale=0.7)
+    for name, module in norms.items():
+        torch.testing.assert_close(module.weight, originals[name] + 0.7 * diffs[name].float(), rtol=0, atol=1e-6)
+    fast(predictor, prompt="a cat")
+    assert all(torch.equal(module.weight, originals[name]) for name, module in norms.items())
+
+
+def test_ai_toolkit_lokr_in_peft_format(predictor: Any, tmp_path: Path) -> None:
+    """ai-toolkit's LoKr keeps `.alpha` and dotted `transformer.` names; with both factors whole
+    (its default for FLUX's widths) the scale is 1, whatever alpha says."""
+    transformer = transformer_of(predictor)
+    fast(predictor, prompt="a cat")
+    generator = torch.Generator().manual_seed(4)
+    state_dict, expected = {}, {}
+    for name in [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.ff.net.2",
+        "single_transformer_blocks.0.proj_out",
+    ]:
+        layer = transformer.get_submodule(name)
+        w1 = torch.randn(4, 4, generator=generator).half().float()
+        w2 = (torch.randn(layer.out_features // 4, layer.in_features // 4, generator=generator) * 0.1).half().float()
+        state_dict |= {f"transformer.{name}.lokr_w1": w1.half(), f"transformer.{name}.lokr_w2": w2.half()}
+        state_dict[f"transformer.{name}.alpha"] = torch.tensor(10000.0)
+        expected[name] = torch.kron(w1, w2)
+    check_applies(predictor, tmp_path, state_dict, expected)
+
+
+# kohya sd-scripts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"train_blocks": "single"}, {"train_blocks": "double"}, {"in_dims": True}],
+    ids=["default", "train_blocks=single", "train_blocks=double", "in_dims"],
+)
+def test_kohya_sd_scripts(predictor: Any, tmp_path: Path, options: dict) -> None:
+    layers = bfl_layers(
+        double=options.get("train_blocks") != "single",
+        single=options.get("train_blocks") != "double",
+        inputs=bool(options.get("in_dims")),
+    )
+    pairs, expected = fused_file(predictor, layers, seed=5, alpha=2.0)
+    state_dict = {}
+    for bfl, (down, up) in pairs.items():
+        state_dict[f"lora_unet_{flat(bfl)}.lora_down.weight"] = down.bfloat16()
+        state_dict[f"lora_unet_{flat(bfl)}.lora_up.weight"] = up.bfloat16()
+        state_dict[f"lora_unet_{flat(bfl)}.alpha"] = torch.tensor(2.0).bfloat16()
+    check_applies(predictor, tmp_path, state_dict, expected)
+
+
+def test_kohya_split_qkv_applies_the_scale_it_was_trained_with(predictor: Any, tmp_path: Path) -> None:
+    """split_qkv trains q, k, v (and linear1's four parts) as rank-r LoRAs scaled alpha / r each, and saves
+    them stacked into one rank-n*r pair with the same alpha. The update meant is each part's own."""
+    transformer = transformer_of(predictor)
+    fast(predictor, prompt="a cat")
+    generator = torch.Generator().manual_seed(6)
+    state_dict, expected = {}, {}
+    alpha = 2.0
+    for bfl, targets in bfl_layers().items():
+        modules = [transformer.get_submodule(t) for t in targets]
+        parts = [random_pair(m.out_features, m.in_features, generator) for m in modules]
+        for target, (down, up) in zip(targets, parts, strict=True):
+            expected[target] = up @ down * (alpha / RANK)
+        # sd-scripts' LoRANetwork.state_dict with split_qkv: downs stacked, ups on the block diagonal.
+        down = torch.cat([d for d, _ in parts])
+        up = torch.zeros(sum(u.shape[0] for _, u in parts), RANK * len(parts))
+        row = 0
+        for index, (_, part_up) in enumerate(parts):
+            up[row : row + part_up.shape[0], index * RANK : (index + 1) * RANK] = part_up
+            row += part_up.shape[0]
+        state_dict[f"lora_unet_{flat(bfl)}.lora_down.weight"] = down
+        state_dict[f"lora_unet_{flat(bfl)}.lora_up.weight"] = up
+        state_dict[f"lora_unet_{flat(bfl)}.alpha"] = torch.tensor(alpha)
+    assert state_dict["lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight"].shape[0] == 3 * RANK
+    check_applies(predictor, tmp_path, state_dict, expected)
+
+
+@pytest.mark.parametrize("split_qkv", [False, True])
+def test_kohya_linear1_at_full_width(flux: Any, split_qkv: bool) -> None:  # noqa: F811
+    """A single block's linear1 at FLUX.1's real widths (on a meta-device FLUX.1 dev, the LoRA's own tensors
+    real): each of q, k, v and the MLP input gets its rows of the update, at alpha / r per part with
+    split_qkv (stacked downs, block-diagonal up) and alpha / r of the whole pair without it."""
+    from lora_loading.formats import check_lora_matches
+    from lora_loading.slots import lora_factors
+
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    widths = [3072, 3072, 3072, 12288]
+    generator = torch.Generator().manual_seed(15)
+    alpha = 2.0
+    if split_qkv:
+        parts = [random_pair(width, 3072, generator) for width in widths]
+        down = torch.cat([d for d, _ in parts])
+        up = torch.block_diag(*[u for _, u in parts])
+        expected = [u @ d * (alpha / RANK) for d, u in parts]
+    else:
+        down, up = random_pair(sum(widths), 3072, generator)
+        expected = list((up @ down * (alpha / RANK)).split(widths))
+    state_dict = {
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": down,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": up,
+        "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(alpha),
+    }
+    factors = lora_factors(check_lora_matches(flux, state_dict, "lora_weights"))
+    assert set(factors) == {f"single_transformer_blocks.0.{target}" for target in targets}
+    for target, want in zip(targets, expected, strict=True):
+        lora_down, lora_up = factors[f"single_transformer_blocks.0.{target}"]
+        torch.testing.assert_close(lora_up @ lora_down, want, rtol=1e-5, atol=1e-6, msg=target)
+
+
+# ComfyUI -------------------------------------------------------------------------------------------
+
+
+def bias_deltas(predictor: Any, layers: dict[str, list[str]], seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A `.diff_b` per BFL layer (fused, in BFL's order) and what each diffusers bias gets at scale 1."""
+    transformer = transformer_of(predictor)
+    generator = torch.Generator().manual_seed(seed)
+    deltas, expected = {}, {}
+    for bfl, targets in layers.items():
+        widths = [transformer.get_submodule(t).out_features for t in targets]
+        delta = exact(torch.randn(sum(widths), generator=generator))
+        deltas[bfl] = delta
+        if bfl == "final_layer.adaLN_modulation.1":
+            delta = torch.cat(delta.chunk(2)[::-1])
+        expected |= dict(zip(targets, delta.split(widths), strict=True))
+    return deltas, expected
+
+
+def test_comfyui_train_lora_node(predictor: Any, tmp_path: Path) -> None:
+    """Every Linear of the model, BFL names under `diffusion_model.`, the adapter's alpha parameter (1.0)
+    saved beside its pair, and a `.diff_b` for every bias; bf16, the node's default lora_dtype."""
+    fast(predictor, prompt="a cat")
+    layers = bfl_layers(inputs=True, final=True)
+    pairs, expected = fused_file(predictor, layers, seed=7, alpha=1.0)
+    deltas, expected_biases = bias_deltas(predictor, layers, seed=8)
+    state_dict = {}
+    for bfl, (down, up) in pairs.items():
+        state_dict[f"diffusion_model.{bfl}.lora_up.weight"] = up.bfloat16()
+        state_dict[f"diffusion_model.{bfl}.lora_down.weight"] = down.bfloat16()
+        state_dict[f"diffusion_model.{bfl}.alpha"] = torch.tensor(1.0).bfloat16()
+        state_dict[f"diffusion_model.{bfl}.diff_b"] = deltas[bfl].bfloat16()
+    assert len(pairs) == 22  # 23 with linear1 (see test_kohya_linear1_at_full_width)
+    check_applies(predictor, tmp_path, state_dict, expected, expected_biases)
+
+
+def test_comfyui_extract_node(predictor: Any, tmp_path: Path) -> None:
+    fast(predictor, prompt="a cat")
+    layers = bfl_layers(inputs=True, final=True)
+    pairs, expected = fused_file(predictor, layers, seed=9, alpha=None)
+    deltas, expected_biases = bias_deltas(predictor, layers, seed=10)
+    state_dict = {}
+    for bfl, (down, up) in pairs.items():
+        state_dict[f"diffusion_model.{bfl}.lora_up.weight"] = up.half()
+        state_dict[f"diffusion_model.{bfl}.lora_down.weight"] = down.half()
+        state_dict[f"diffusion_model.{bfl}.diff_b"] = deltas[bfl].half()
+    check_applies(predictor, tmp_path, state_dict, expected, expected_biases)
+
+
+# SimpleTuner ----------------------------------------------------------------------------------------
+
+
+def test_simpletuner_comfyui_export(predictor: Any, tmp_path: Path) -> None:
+    """FLUX keeps its `transformer.` names; each module gets a float32 `.alpha`, and diffusers' adapter
+    metadata stays in the header (the tensors win where both are given)."""
+    import json
+
+    import safetensors.torch
+
+    from tests.conftest import data_uri
+
+    pairs, expected = split_file(predictor, seed=11)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict[f"transformer.{name}.lora_A.weight"] = down
+        state_dict[f"transformer.{name}.lora_B.weight"] = up
+        state_dict[f"transformer.{name}.alpha"] = torch.tensor(2.0 * RANK, dtype=torch.float32)
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": RANK, "lora_alpha": 2.0 * RANK})}
+    path = tmp_path / "simpletuner-comfyui.safetensors"
+    safetensors.torch.save_file(state_dict, str(path), metadata=metadata)
+    expected = {name: 2.0 * update for name, update in expected.items()}
+    transformer = transformer_of(predictor)
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    base = effective(transformer)
+    fast(predictor, prompt="a cat", replicate_weights=data_uri(path), lora_scale=0.5)
+    for name, (weight, _) in effective(transformer).items():
+        want = base[name][0] + 0.5 * expected[name] if name in expected else base[name][0]
+        torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=name)
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+
+
+# OneTrainer -----------------------------------------------------------------------------------------
+
+
+ONETRAINER_FUSED = {
+    # format: how a BFL layer's pair is named; its alpha key, or None when alpha is folded into B
+    "KOHYA": lambda bfl: (
+        f"lora_unet_{flat(bfl)}.lora_down.weight",
+        f"lora_unet_{flat(bfl)}.lora_up.weight",
+        f"lora_unet_{flat(bfl)}.alpha",
+    ),
+    "ORIGINAL": lambda bfl: (f"{bfl}.lora_A.weight", f"{bfl}.lora_B.weight", f"{bfl}.alpha"),
+    "COMFY": lambda bfl: (
+        f"diffusion_model.{bfl}.lora_A.weight",
+        f"diffusion_model.{bfl}.lora_B.weight",
+        f"diffusion_model.{bfl}.alpha",
+    ),
+}
+
+
+@pytest.mark.parametrize("output_format", list(ONETRAINER_FUSED))
+def test_onetrainer_fused_formats(predictor: Any, tmp_path: Path, output_format: str) -> None:
+    """KOHYA, ORIGINAL and COMFY export fused q/k/v, which OneTrainer then trains fused (one pair over the
+    fused output, its needs_qkv_fusion), with the final layer's halves swapped to BFL's order."""
+    pairs, expected = fused_file(predictor, bfl_layers(inputs=True, final=True), seed=12, alpha=1.0)
+    namer = ONETRAINER_FUSED[output_format]
+    state_dict = {}
+    for bfl, (down, up) in pairs.items():
+        down_key, up_key, alpha_key = namer(bfl)
+        state_dict |= {down_key: down, up_key: up, alpha_key: torch.tensor(1.0)}
+    check_applies(predictor, tmp_path, state_dict, expected)
+
+
+def test_onetrainer_diffusers_format(predictor: Any, tmp_path: Path) -> None:
+    """Split names, alpha folded into lora_B (convert_lora_suffix_ab with peft_convention), no `.alpha`."""
+    pairs, expected = split_file(predictor, seed=13)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict[f"transformer.{name}.lora_A.weight"] = down
+        state_dict[f"transformer.{name}.lora_B.weight"] = up * (1.0 / RANK)  # alpha 1, rank 4, folded
+    check_applies(predictor, tmp_path, state_dict, {k: v / RANK for k, v in expected.items()})
+
+
+def test_onetrainer_legacy_mixture_format(predictor: Any, tmp_path: Path) -> None:
+    """convert_to_mixture: `lora_transformer_` and the diffusers module path flattened, native suffixes, alpha."""
+    pairs, expected = split_file(predictor, seed=14)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict[f"lora_transformer_{flat(name)}.lora_down.weight"] = down
+        state_dict[f"lora_transformer_{flat(name)}.lora_up.weight"] = up
+        state_dict[f"lora_transformer_{flat(name)}.alpha"] = torch.tensor(float(RANK) / 2)
+    check_applies(predictor, tmp_path, state_dict, {k: v / 2 for k, v in expected.items()})
+
+
+def test_onetrainer_dora_magnitude_spelling_is_peft_s(predictor: Any, tmp_path: Path) -> None:
+    """OneTrainer's DIFFUSERS format names peft's DoRA magnitude `lora_magnitude_vector.weight`."""
+    from tests.test_lora_formats import image, peft_dora
+
+    _, state_dict = peft_dora(predictor)
+    respelled = {
+        re.sub(r"\.lora_magnitude_vector$", ".lora_magnitude_vector.weight", k): v for k, v in state_dict.items()
+    }
+    assert respelled != state_dict
+    assert image(predictor, data_uri_of(respelled, tmp_path, "onetrainer")) == image(
+        predictor, data_uri_of(state_dict, tmp_path, "peft")
+    )
