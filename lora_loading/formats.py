@@ -134,7 +134,7 @@ def respelled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     - `.lora_magnitude_vector.weight` (OneTrainer's DIFFUSERS format) is peft's `.lora_magnitude_vector`."""
     spelled = {}
     for key, tensor in state_dict.items():
-        if key.startswith((*BFL_TOP_LEVEL, "final_layer.")):
+        if key.startswith((*BFL_TOP_LEVEL, "final_layer.")) and ".processor." not in key:  # XLabs' keep theirs
             key = f"diffusion_model.{key}"
         if key.endswith(f"{DORA_MAGNITUDE}.weight"):
             key = key.removesuffix(".weight")

@@ -22,6 +22,10 @@ What each writer does was read in its source (2026-12):
   names, alpha folded into lora_B), KOHYA (`lora_unet_`, fused layers trained fused), ORIGINAL (bare BFL
   names, lora_A/lora_B and `.alpha`), COMFY (the same under `diffusion_model.`), LEGACY (the "mixture":
   `lora_transformer_` + flattened diffusers names).
+- XLabs' x-flux, its DoubleStreamBlockLoraProcessor and SingleStreamBlockLoraProcessor:
+  `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (1 the image stream, 2 the text one) and
+  `single_blocks.N.processor.{qkv,proj}_lora`, the single block's qkv_lora on linear1's q/k/v rows only and
+  its proj_lora on linear2's input; no alpha saved.
 - fal's trainer is not public; its API returns a `diffusers_lora_file`, which is the diffusers/PEFT
   layout ai-toolkit's shows (covered there, not from fal's code).
 """
@@ -475,3 +479,22 @@ def test_onetrainer_dora_magnitude_spelling_is_peft_s(predictor: Any, tmp_path: 
     assert image(predictor, data_uri_of(respelled, tmp_path, "onetrainer")) == image(
         predictor, data_uri_of(state_dict, tmp_path, "peft")
     )
+
+
+# XLabs ---------------------------------------------------------------------------------------------
+
+
+def test_xlabs_x_flux(predictor: Any, tmp_path: Path) -> None:
+    layers = {
+        "double_blocks.0.processor.qkv_lora1": [f"transformer_blocks.0.attn.to_{p}" for p in "qkv"],
+        "double_blocks.0.processor.proj_lora1": ["transformer_blocks.0.attn.to_out.0"],
+        "double_blocks.0.processor.qkv_lora2": [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"],
+        "double_blocks.0.processor.proj_lora2": ["transformer_blocks.0.attn.to_add_out"],
+        "single_blocks.0.processor.qkv_lora": [f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"],
+        "single_blocks.0.processor.proj_lora": ["single_transformer_blocks.0.proj_out"],
+    }
+    pairs, expected = fused_file(predictor, layers, seed=16, alpha=None)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict |= {f"{name}.down.weight": down, f"{name}.up.weight": up}
+    check_applies(predictor, tmp_path, state_dict, expected)
