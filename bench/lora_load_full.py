@@ -3,7 +3,9 @@
 For each main layout at rank 16 and 64, a file covering every layer (bf16, as trainers save) is
 written once; each run then reads it (safetensors, from the page cache), converts and checks it
 against FLUX.1 dev's transformer built on the meta device (shapes only), and builds the go_fast
-slot's factors. The GPU side (peft's upload, the slot write) is not measured here.
+slot's factors. The GPU side (peft's upload, the slot write, a LoKr's merge into the weights) is
+not measured here. LoKr files (SimpleTuner's LyCORIS names, Kronecker factor 16 on every layer) are
+in-place deltas: "convert+check" is their matching; their kron and merge happen at apply time.
 
     PYTHONPATH=. .venv/bin/python bench/lora_load_full.py [--runs 3] [--ranks 16,64]
 """
@@ -37,6 +39,23 @@ def realise(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def lokr(flux: types.SimpleNamespace, rank: int | None) -> dict[str, torch.Tensor]:
+    """SimpleTuner's LyCORIS LoKr for every Linear: w1 16 x 16, w2 whole (rank None) or a rank-r pair."""
+    state_dict = {}
+    for name, module in flux.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key = "lycoris_" + name.replace(".", "_")
+            out_features, in_features = module.out_features // 16, module.in_features // 16
+            state_dict[f"{key}.lokr_w1"] = torch.empty(16, 16, device="meta")
+            if rank is None:
+                state_dict[f"{key}.lokr_w2"] = torch.empty(out_features, in_features, device="meta")
+            else:
+                state_dict[f"{key}.lokr_w2_a"] = torch.empty(out_features, rank, device="meta")
+                state_dict[f"{key}.lokr_w2_b"] = torch.empty(rank, in_features, device="meta")
+            state_dict[f"{key}.alpha"] = torch.tensor(1.0)
+    return state_dict
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -60,6 +79,8 @@ def main() -> None:
             "diffusion_model.", ".", "lora_down.weight", "lora_up.weight"
         ),
         "CivitAI mixture, 504 layers": lambda: mixture(flux),
+        "LyCORIS LoKr, factor 16, low-rank w2": lambda: lokr(flux, coverage.RANK),
+        "LyCORIS LoKr, factor 16, whole w2": lambda: lokr(flux, None),
     }
     print(f"CPU side of a LoRA load, median of {args.runs} (read + convert/check + go_fast factors):")
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as folder:
