@@ -3,9 +3,15 @@ it against the FLUX transformer before anything is applied.
 
 diffusers' `FluxPipeline.lora_state_dict` converts kohya/sd-scripts (with alphas),
 ComfyUI's `diffusion_model.` files in kohya naming, the CivitAI "mixture" layout and
-XLabs; diffusers/PEFT files (ai-toolkit) need no conversion. What we add:
-- ComfyUI files that use PEFT's `lora_A`/`lora_B` names with BFL's module names, which
-  no diffusers converter recognises, are renamed to the kohya names its converter takes;
+XLabs; diffusers/PEFT files (ai-toolkit) need no conversion. What we add, each where it is
+done below:
+- spellings it does not read (`respelled`, `comfyui_peft_to_kohya`, `flattened_names_to_peft`):
+  ComfyUI's and OneTrainer's PEFT names on BFL modules, bare BFL names, SimpleTuner's
+  `lycoris_` names and the mixture's MLP layers;
+- alphas it does not apply (`metadata_alphas`, `bfl_alphas_folded`): header-only alphas,
+  the final layer's modulation, kohya split_qkv's per-part scale;
+- tensors that are not LoRA pairs (`transformer_deltas`, `dora_magnitudes`): `.diff_b`,
+  `.diff`, LyCORIS LoKr and DoRA magnitudes, by diffusers module;
 - every LoRA pair is matched against the transformer's layers, so a LoRA for another
   model is an error instead of a silent no-op, and shapes are checked before loading,
   because diffusers would otherwise *expand* the base weights to fit (its Flux Control path).
@@ -415,7 +421,7 @@ def _per_output(
     return vectors
 
 
-def mixture_to_peft(
+def flattened_names_to_peft(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
 ) -> dict[str, torch.Tensor]:
     """Flattened diffusers names with kohya suffixes in PEFT names, alpha/rank folded into A: OneTrainer's and
@@ -514,7 +520,7 @@ def check_lora_matches(
     }
     if not rest and (text_encoder_part or deltas):
         return {}
-    rest = mixture_to_peft(rest, pipeline.transformer, input_name)
+    rest = flattened_names_to_peft(rest, pipeline.transformer, input_name)
     rest = bfl_alphas_folded(comfyui_peft_to_kohya(rest), pipeline.transformer)
     try:
         converted, alphas = FluxPipeline.lora_state_dict(rest, return_alphas=True)
