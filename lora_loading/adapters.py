@@ -28,7 +28,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from errors import LoraFormatError
-from lora_loading.deltas import Delta, ParameterDeltas
+from lora_loading.deltas import Change, ParameterDeltas
 from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_deltas
 from lora_loading.text_encoders import EncoderLora, linear_layers, text_encoder_loras
 
@@ -52,7 +52,7 @@ class LoraAdapters:
         self.in_place = in_place or ParameterDeltas()
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
-        self.deltas: list[tuple[int, dict[str, Delta]]] = []  # (index of its LoRA, deltas by parameter name)
+        self.deltas: list[tuple[int, dict[tuple[str, ...], Change]]] = []  # (LoRA index, changes by parameter names)
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -71,9 +71,9 @@ class LoraAdapters:
         layers = linear_layers(transformer)
         self.in_place.set(
             [
-                (parameter_of(transformer, name, layers), delta, loras[index].scale)
-                for index, deltas in self.deltas
-                for name, delta in deltas.items()
+                (tuple(parameter_of(transformer, name, layers) for name in names), change, loras[index].scale)
+                for index, changes in self.deltas
+                for names, change in changes.items()
                 if loras[index].scale != 0
             ]
         )
@@ -114,7 +114,7 @@ class TextEncoderLoras:
         self.models = models  # by attribute: text_encoder, text_encoder_2
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: dict[str, list[tuple[str, int]]] = {}  # by encoder: (adapter name, index of its LoRA)
-        self.deltas: list[tuple[str, int, dict[str, Delta]]] = []  # (encoder, LoRA index, deltas by parameter)
+        self.deltas: list[tuple[str, int, dict[tuple[str, ...], Change]]] = []  # (encoder, LoRA index, changes)
         self.in_place = ParameterDeltas()
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
@@ -130,9 +130,13 @@ class TextEncoderLoras:
         layers = {attribute: linear_layers(model) for attribute, model in self.models.items()}
         self.in_place.set(
             [
-                (parameter_of(self.models[attribute], name, layers[attribute]), delta, loras[index].scale)
-                for attribute, index, deltas in self.deltas
-                for name, delta in deltas.items()
+                (
+                    tuple(parameter_of(self.models[attribute], name, layers[attribute]) for name in names),
+                    change,
+                    loras[index].scale,
+                )
+                for attribute, index, changes in self.deltas
+                for names, change in changes.items()
                 if loras[index].scale != 0
             ]
         )

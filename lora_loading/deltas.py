@@ -60,30 +60,63 @@ class Delta:
         return full if self.rows is None else torch.cat([full[row] for row in self.rows])
 
 
+@dataclass(frozen=True, eq=False)
+class Recomposed:
+    """A DoRA applied into the weight, for what peft's DoRA layers do not hold: magnitudes per input
+    column (OneTrainer's default axis, LyCORIS's wd_on_out=False), DoRA over a LoKr, and DoRA on the
+    text encoders.
+
+    weight = m * (W + s * dW) / ||W + s * dW||, the norm taken over each input column (`per_column`)
+    or output row, of the layer's whole weight: for a BFL layer fused from several diffusers modules,
+    their weights stacked. `lora_scale` means what it means in peft's DoRA: it scales dW inside the
+    normalisation; at 1 this is what every trainer computes.
+    """
+
+    update: Delta  # dW at scale 1, rows in the order of the modules' weights stacked
+    magnitude: torch.Tensor  # (1, in) per column, or (out, 1) per row, in the same row order
+    per_column: bool
+
+    def apply(self, weights: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        stacked = torch.cat(weights) + scale * self.update.on(weights[0].device)
+        norm = stacked.norm(dim=0 if self.per_column else 1, keepdim=True)
+        recomposed = self.magnitude.to(stacked.device, torch.float32) * stacked / norm
+        return list(recomposed.split([weight.shape[0] for weight in weights]))
+
+
+Change = Delta | Recomposed
+
+
 class ParameterDeltas:
-    """Deltas added into parameters in place, and the exact originals kept to put back.
+    """Changes made to parameters in place, and the exact originals kept to put back.
 
     One per transformer: its go_fast copy shares the bf16 biases, so both paths of a model see what
     this holds, and each request sets it (the fast path to nothing). The text encoders have one too."""
 
     def __init__(self) -> None:
         self.originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-        self.current: tuple[tuple[int, int, float], ...] = ()
+        self.current: tuple[tuple[tuple[int, ...], int, float], ...] = ()
 
     @torch.no_grad()
-    def set(self, deltas: Sequence[tuple[torch.nn.Parameter, Delta, float]]) -> None:
-        """(parameter, delta, scale) each: parameter = original + scale x delta; nothing given: the originals.
-        The same deltas at the same scales as now change nothing, so a repeated request copies no weights."""
-        wanted = tuple((id(parameter), id(delta), scale) for parameter, delta, scale in deltas)
+    def set(self, changes: Sequence[tuple[tuple[torch.nn.Parameter, ...], Change, float]]) -> None:
+        """(parameters, change, scale) each, in order: a Delta adds scale x delta to its one parameter, a
+        Recomposed recomposes its parameters' weights; nothing given: the originals. The same changes at
+        the same scales as now change nothing, so a repeated request copies no weights."""
+        wanted = tuple((tuple(map(id, parameters)), id(change), scale) for parameters, change, scale in changes)
         if wanted == self.current:
             return
         self.restore()
         try:
-            for parameter, delta, scale in deltas:
-                if id(parameter) not in self.originals:
-                    self.originals[id(parameter)] = (parameter, parameter.detach().to("cpu", copy=True))
-                change = delta.on(parameter.device)
-                parameter.add_((change * scale).to(parameter.dtype))
+            for parameters, change, scale in changes:
+                for parameter in parameters:
+                    if id(parameter) not in self.originals:
+                        self.originals[id(parameter)] = (parameter, parameter.detach().to("cpu", copy=True))
+                if isinstance(change, Delta):
+                    (parameter,) = parameters
+                    parameter.add_((change.on(parameter.device) * scale).to(parameter.dtype))
+                    continue
+                values = change.apply([parameter.float() for parameter in parameters], scale)
+                for parameter, value in zip(parameters, values, strict=True):
+                    parameter.copy_(value.to(parameter.dtype))
         except BaseException:
             self.restore()
             raise

@@ -35,7 +35,7 @@ from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
-from lora_loading.deltas import Delta
+from lora_loading.deltas import Change, Delta, Recomposed
 from lora_loading.lycoris import LOKR_PARTS, loha_to_lora, lokr_factors
 from lora_loading.text_encoders import (
     encoder_of,
@@ -306,14 +306,31 @@ def _row_slices(widths: list[int], swap_halves: bool) -> list[tuple[slice, ...]]
     return [(slice(offset, offset + width),) for offset, width in zip(offsets, widths, strict=True)]
 
 
+PAIR_SPELLINGS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+
+
+def recomposed_layers(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """The transformer layers (as the file names them) whose DoRA is recomposed into the weight rather than
+    held by peft: magnitudes per input column, or a DoRA over a LoKr. Their pairs are not for peft."""
+    layers = set()
+    for key, magnitude in state_dict.items():
+        if key.endswith(DORA_SCALE) and not encoder_of(key):
+            layer = key.removesuffix(DORA_SCALE)
+            per_column = magnitude.ndim == 2 and magnitude.shape[0] == 1 and magnitude.shape[1] != 1
+            if per_column or any(f"{layer}{part}" in state_dict for part in LOKR_PARTS):
+                layers.add(layer)
+    return layers
+
+
 def transformer_deltas(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
-) -> dict[str, Delta]:
-    """What a file adds into the transformer's own parameters, by parameter name (`<module>.bias`,
-    `<module>.weight`): `.diff_b` bias deltas, `.diff` weight deltas and LyCORIS LoKr layers. diffusers'
-    converters drop the first two (a log line at most) and take LoKr for other models only."""
-    deltas = {
-        f"{module}.bias": Delta(tensor=vector)
+) -> dict[tuple[str, ...], Change]:
+    """What a file changes in the transformer's own parameters, by the parameter names each change takes:
+    `.diff_b` bias deltas, `.diff` weight deltas and LyCORIS LoKr layers (added), and the DoRAs peft cannot
+    hold (`recomposed_layers`). diffusers' converters drop the first two (a log line at most), take LoKr
+    for other models only, and strip DoRA magnitudes."""
+    changes: dict[tuple[str, ...], Change] = {
+        (f"{module}.bias",): Delta(tensor=vector)
         for module, vector in _per_output(
             state_dict, transformer, input_name, BIAS_DELTA, "bias deltas (.diff_b)"
         ).items()
@@ -324,21 +341,12 @@ def transformer_deltas(
         suffix = next((s for s in (WEIGHT_DELTA, *LOKR_PARTS) if key.endswith(s)), None)
         if suffix and not encoder_of(key):
             grouped.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+    recomposed = recomposed_layers(state_dict)
+    for layer in recomposed - grouped.keys():
+        grouped[layer] = {}
     unmatched = []
     for layer, parts in grouped.items():
-        if f"{layer}{DORA_SCALE}" in state_dict:
-            raise LoraFormatError(
-                f"Invalid {input_name}: the layer {layer} is a DoRA over a LoKr or full delta, which this predictor "
-                "cannot apply; DoRA is supported on LoRA layers."
-            )
-        if WEIGHT_DELTA in parts and len(parts) > 1:
-            raise LoraFormatError(f"Invalid {input_name}: the layer {layer} holds both a .diff and LoKr tensors.")
-        if WEIGHT_DELTA in parts:
-            whole = Delta(tensor=parts[WEIGHT_DELTA])
-            kind = "full weight delta (.diff)"
-        else:
-            whole = Delta(factors=lokr_factors(parts, state_dict.get(f"{layer}.alpha"), layer, input_name))
-            kind = "LoKr layer"
+        whole, kind = _whole_update(state_dict, layer, parts, input_name)
         targets, swap = _layer_targets(layer, weighted)
         layers = [weighted.get(target) for target in targets]
         if not targets or any(module is None for module in layers):
@@ -355,31 +363,77 @@ def transformer_deltas(
                 f"Invalid {input_name}: the {kind} {layer} is {whole.shape} where this FLUX.1 model's layer is "
                 f"{expected}; the LoRA was trained for a different model."
             )
-        for target, rows in zip(targets, _row_slices(widths, swap), strict=True):
-            deltas[f"{target}.weight"] = Delta(whole.tensor, whole.factors, whole.op, rows)
+        rows = _row_slices(widths, swap)
+        if layer in recomposed:
+            names = tuple(f"{target}.weight" for target in targets)
+            changes[names] = _recomposed(whole, state_dict[f"{layer}{DORA_SCALE}"], expected, swap, layer, input_name)
+            continue
+        for target, target_rows in zip(targets, rows, strict=True):
+            changes[(f"{target}.weight",)] = Delta(whole.tensor, whole.factors, whole.op, target_rows)
     if unmatched:
         raise LoraFormatError(
-            f"Invalid {input_name}: {len(unmatched)} of its LoKr or .diff layers match no FLUX.1 layer, so it was "
-            f"trained for another model; first: {', '.join(unmatched[:3])}."
+            f"Invalid {input_name}: {len(unmatched)} of its LoKr, .diff or DoRA layers match no FLUX.1 layer, so "
+            f"it was trained for another model; first: {', '.join(unmatched[:3])}."
         )
-    return deltas
+    return changes
+
+
+def _whole_update(
+    state_dict: dict[str, torch.Tensor], layer: str, parts: dict[str, torch.Tensor], input_name: str
+) -> tuple[Delta, str]:
+    """A layer's whole update at scale 1, from its `.diff`, its LoKr factors or (for a recomposed DoRA) its pair."""
+    if WEIGHT_DELTA in parts and len(parts) > 1:
+        raise LoraFormatError(f"Invalid {input_name}: the layer {layer} holds both a .diff and LoKr tensors.")
+    if WEIGHT_DELTA in parts:
+        if f"{layer}{DORA_SCALE}" in state_dict:
+            raise LoraFormatError(f"Invalid {input_name}: the layer {layer} is a DoRA over a full .diff delta.")
+        return Delta(tensor=parts[WEIGHT_DELTA]), "full weight delta (.diff)"
+    if parts:
+        return Delta(factors=lokr_factors(parts, state_dict.get(f"{layer}.alpha"), layer, input_name)), "LoKr layer"
+    for down_suffix, up_suffix in PAIR_SPELLINGS:
+        down, up = state_dict.get(f"{layer}{down_suffix}"), state_dict.get(f"{layer}{up_suffix}")
+        if down is not None and up is not None:
+            alpha = state_dict.get(f"{layer}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            return Delta(factors=(up.float(), down.float() * scale), op="mm"), "DoRA layer"
+    raise LoraFormatError(f"Invalid {input_name}: the DoRA layer {layer} has magnitudes but no LoRA pair.")
+
+
+def _recomposed(
+    whole: Delta, magnitude: torch.Tensor, shape: tuple[int, ...], swap: bool, layer: str, input_name: str
+) -> Recomposed:
+    """A DoRA recomposed into its diffusers modules' stacked weights; BFL's final layer swaps its halves."""
+    out_features, in_features = shape
+    per_column = magnitude.ndim == 2 and magnitude.shape == (1, in_features)
+    if not per_column and magnitude.numel() != out_features:
+        raise LoraFormatError(
+            f"Invalid {input_name}: the DoRA magnitudes of {layer} have shape {tuple(magnitude.shape)}, neither one "
+            f"per output ({out_features}) nor one per input ({in_features}) of this FLUX.1 layer."
+        )
+    magnitude = magnitude.float().reshape(1, in_features) if per_column else magnitude.float().reshape(-1, 1)
+    if swap:
+        half = out_features // 2
+        order = (slice(half, out_features), slice(0, half))
+        whole = Delta(whole.tensor, whole.factors, whole.op, order)
+        if not per_column:
+            magnitude = torch.cat([magnitude[row] for row in order])
+    return Recomposed(update=whole, magnitude=magnitude, per_column=per_column)
 
 
 def dora_magnitudes(
     state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, input_name: str
 ) -> dict[str, torch.Tensor]:
-    """kohya/LyCORIS `.dora_scale` magnitudes, by diffusers module, as peft's lora_magnitude_vector.
+    """kohya/LyCORIS `.dora_scale` magnitudes of LoRA layers, by diffusers module, as peft's lora_magnitude_vector.
 
     LyCORIS keeps one magnitude per output row (shape (out, 1), its wd_on_out default), which is what
-    peft's DoRA holds: weight = m * (W + dW) / ||W + dW|| row by row. Per-input-column magnitudes
-    (1, in) normalise another way, which peft does not implement: refused."""
-    for key, tensor in state_dict.items():
-        if key.endswith(DORA_SCALE) and not encoder_of(key) and tensor.ndim == 2 and tensor.shape[1] != 1:
-            raise LoraFormatError(
-                f"Invalid {input_name}: its DoRA magnitudes ({key}) are per input column (LyCORIS wd_on_out=False), "
-                "which this predictor cannot apply; per output row is supported."
-            )
-    flat = {key: (t.flatten() if key.endswith(DORA_SCALE) else t) for key, t in state_dict.items()}
+    peft's DoRA holds: weight = m * (W + dW) / ||W + dW|| row by row. Per-input-column magnitudes, and DoRA
+    over LoKr, are recomposed into the weight instead (`transformer_deltas`)."""
+    recomposed = recomposed_layers(state_dict)
+    flat = {
+        key: (t.flatten() if key.endswith(DORA_SCALE) else t)
+        for key, t in state_dict.items()
+        if not (key.endswith(DORA_SCALE) and key.removesuffix(DORA_SCALE) in recomposed)
+    }
     return _per_output(flat, transformer, input_name, DORA_SCALE, "DoRA magnitudes (.dora_scale)", bias=False)
 
 
@@ -510,13 +564,16 @@ def check_lora_matches(
     refuse_unsupported_kinds(rest, input_name)
     deltas = transformer_deltas(rest, pipeline.transformer, input_name)
     magnitudes = dora_magnitudes(rest, pipeline.transformer, input_name)
-    # What the deltas and magnitudes took, LoKr layers' alphas included, is not for diffusers' converters.
+    # What the deltas and magnitudes took, LoKr layers' alphas and recomposed DoRAs' pairs included, is not
+    # for diffusers' converters.
     merged = {key.rsplit(".", 1)[0] for key in rest if key.endswith((WEIGHT_DELTA, *LOKR_PARTS))}
+    merged |= recomposed_layers(rest)
+    pair_parts = (".alpha", *(suffix for pair in PAIR_SPELLINGS for suffix in pair))
     rest = {
         key: tensor
         for key, tensor in rest.items()
         if not key.endswith((BIAS_DELTA, DORA_SCALE, WEIGHT_DELTA, *LOKR_PARTS))
-        and not (key.endswith(".alpha") and key[: -len(".alpha")] in merged)
+        and not any(key.endswith(part) and key.removesuffix(part) in merged for part in pair_parts)
     }
     if not rest and (text_encoder_part or deltas):
         return {}

@@ -17,9 +17,10 @@ Layouts, per encoder (kohya names are flattened module paths, the others dotted)
 - T5-XXL: kohya `lora_te3_`, OneTrainer `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
   `text_encoders.t5xxl.transformer.`.
 Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B), `.alpha`,
-`.diff_b` and `.diff` (bias and weight deltas: ComfyUI's extract writes the norms' weights so) and LyCORIS
-LoKr factors. A LoRA pair on a layer that is not Linear (ComfyUI extracts the token and position
-embeddings so) becomes a weight delta. Anything else under an encoder's prefix refuses the file,
+`.diff_b` and `.diff` (bias and weight deltas: ComfyUI's extract writes the norms' weights so), LyCORIS
+LoKr factors and DoRA magnitudes (`.dora_scale`, `.lora_magnitude_vector`). A LoRA pair on a layer that is
+not Linear (ComfyUI extracts the token and position embeddings so) becomes a weight delta, and a DoRA
+is recomposed into the weight (deltas.Recomposed). Anything else under an encoder's prefix refuses the file,
 naming the keys.
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from errors import LoraFormatError
-from lora_loading.deltas import Delta
+from lora_loading.deltas import Change, Delta, Recomposed
 from lora_loading.lycoris import LOKR_PARTS, lokr_factors
 
 
@@ -70,6 +71,8 @@ PARTS = {
     ".alpha": "alpha",
     ".diff_b": "bias",  # ComfyUI's bias delta: bias += scale x delta
     ".diff": "weight",  # ComfyUI's weight delta: weight += scale x delta
+    ".dora_scale": "dora",  # kohya/LyCORIS DoRA magnitudes, per output row or input column
+    ".lora_magnitude_vector": "dora",  # peft's, per output row
     **{suffix: suffix for suffix in LOKR_PARTS},
 }
 
@@ -80,7 +83,7 @@ class EncoderLora:
     added into parameters in place, by parameter name."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    deltas: dict[str, Delta] = field(default_factory=dict)
+    deltas: dict[tuple[str, ...], Change] = field(default_factory=dict)  # by the parameter names each takes
     skipped: list[str] = field(default_factory=list)  # layers FLUX.1 never runs, each with why
 
 
@@ -169,7 +172,7 @@ def _encoder_layer(
                 f"Invalid {input_name}: the bias delta for {where} does not fit its bias; it was trained for "
                 "another text encoder."
             )
-        lora.deltas[f"{module_name}.bias"] = Delta(tensor=parts["bias"])
+        lora.deltas[(f"{module_name}.bias",)] = Delta(tensor=parts["bias"])
     kinds = [kind for kind in ("weight", "A", ".lokr_w1", ".lokr_w1_a") if kind in parts]
     if len(kinds) > 1:
         raise LoraFormatError(f"Invalid {input_name}: {where} holds more than one kind of update ({kinds}).")
@@ -185,7 +188,7 @@ def _encoder_layer(
             raise LoraFormatError(f"Invalid {input_name}: {where} has a malformed pair.")
         rank = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)  # no alpha: alpha = rank, as peft
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and "dora" not in parts:
             if (down.shape[1], up.shape[0]) != (module.in_features, module.out_features):
                 raise LoraFormatError(
                     f"Invalid {input_name}: {where} is {module.in_features}->{module.out_features} in FLUX.1, and "
@@ -193,7 +196,10 @@ def _encoder_layer(
                 )
             lora.modules[module_name] = (down * (alpha / rank), up)
             return
-        delta = Delta(factors=(up, down * (alpha / rank)), op="mm")  # an embedding: weight += B @ A
+        # An embedding (weight += B @ A), or a DoRA, which is recomposed into the weight.
+        delta = Delta(factors=(up, down * (alpha / rank)), op="mm")
+    elif "dora" in parts:
+        raise LoraFormatError(f"Invalid {input_name}: {where} has DoRA magnitudes but no update to recompose.")
     else:
         return
     if weight is None or delta.shape != tuple(weight.shape):
@@ -201,7 +207,15 @@ def _encoder_layer(
             f"Invalid {input_name}: the update for {where} is {delta.shape} where its weight is "
             f"{tuple(weight.shape) if weight is not None else 'absent'}; it was trained for another text encoder."
         )
-    lora.deltas[f"{module_name}.weight"] = delta
+    if "dora" not in parts:
+        lora.deltas[(f"{module_name}.weight",)] = delta
+        return
+    magnitude = parts["dora"].float()
+    per_column = magnitude.ndim == 2 and magnitude.shape == (1, weight.shape[1])
+    if not per_column and magnitude.numel() != weight.shape[0]:
+        raise LoraFormatError(f"Invalid {input_name}: the DoRA magnitudes of {where} fit neither its rows nor columns.")
+    magnitude = magnitude.reshape(1, -1) if per_column else magnitude.reshape(-1, 1)
+    lora.deltas[(f"{module_name}.weight",)] = Recomposed(update=delta, magnitude=magnitude, per_column=per_column)
 
 
 def weighted_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -601,7 +601,7 @@ def test_a_kohya_dora_with_dora_scale_applies_as_peft_computes_it(predictor: Any
         )
 
 
-def test_a_dora_with_per_column_magnitudes_is_refused(predictor: Any, tensors: dict, tmp_path: Path) -> None:
-    state_dict = {**kohya_layout(tensors), "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}
-    with pytest.raises(InputError, match="per input column"):
+def test_dora_magnitudes_that_fit_neither_axis_are_refused(predictor: Any, tensors: dict, tmp_path: Path) -> None:
+    state_dict = {**kohya_layout(tensors), "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 7)}
+    with pytest.raises(InputError, match="neither one per output"):
         image(predictor, data_uri_of(state_dict, tmp_path, "columns"))

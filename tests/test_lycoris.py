@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from lycoris import LycorisNetwork, create_lycoris
 
@@ -81,16 +82,35 @@ def weight_of(layer: torch.nn.Module) -> torch.Tensor:
         {"algo": "lokr", "linear_dim": 1, "linear_alpha": 3, "factor": 4, "decompose_both": True},
         {"algo": "loha", "linear_dim": 2, "linear_alpha": 1},
         {"algo": "lora", "linear_dim": 4, "linear_alpha": 2},
-        {"algo": "lora", "linear_dim": 4, "linear_alpha": 2, "weight_decompose": True},
+        # DoRA: magnitudes per output row (peft's DoRA holds them) and per input column (recomposed).
+        {"algo": "lora", "linear_dim": 4, "linear_alpha": 2, "dora_wd": True},
+        {"algo": "lora", "linear_dim": 4, "linear_alpha": 2, "dora_wd": True, "wd_on_output": False},
+        {"algo": "lokr", "linear_dim": 2, "linear_alpha": 1, "factor": 4, "dora_wd": True},
+        {"algo": "loha", "linear_dim": 2, "linear_alpha": 1, "dora_wd": True, "wd_on_output": False},
     ],
-    ids=["lokr-full", "lokr-low-rank", "lokr-both-low-rank", "loha", "locon", "lora-dora"],
+    ids=[
+        "lokr-full",
+        "lokr-low-rank",
+        "lokr-both-low-rank",
+        "loha",
+        "locon",
+        "dora",
+        "dora-per-column",
+        "lokr-dora",
+        "loha-dora-per-column",
+    ],
 )
-def test_a_lycoris_file_computes_what_lycoris_merges(predictor: Any, tmp_path: Path, config: dict) -> None:
+def test_a_lycoris_file_computes_what_lycoris_computes(predictor: Any, tmp_path: Path, config: dict) -> None:
+    """At scale 0.8; a DoRA at 1, the scale it was trained at. Below 1, LyCORIS's multiplier interpolates the
+    recomposed weight from W + dW, and lora_scale is peft's definition instead (README, LoRAs)."""
+    scale = 1.0 if config.get("dora_wd") else 0.8
     base_image = fast(predictor, prompt="a cat", output_format="png")[0]
     transformer = transformer_of(predictor)
     originals = {name: module.weight.detach().clone() for name, module in plain_linears(transformer).items()}
-    path, lycoris_model = lycoris_file(transformer, tmp_path, seed=5, scale=0.8, **config)
-    with_lora = fast(predictor, prompt="a cat", output_format="png", replicate_weights=data_uri(path), lora_scale=0.8)
+    path, lycoris_model = lycoris_file(transformer, tmp_path, seed=5, scale=scale, **config)
+    if config.get("dora_wd"):
+        assert any(key.endswith(".dora_scale") for key in safetensors.torch.load_file(path))
+    with_lora = fast(predictor, prompt="a cat", output_format="png", replicate_weights=data_uri(path), lora_scale=scale)
     assert with_lora[0] != base_image
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(1))
     changed = 0
@@ -265,22 +285,21 @@ def test_a_full_weight_delta_and_a_lora_in_one_request_both_apply(predictor: Any
         ),
         (
             {
-                "lora_unet_img_in.lokr_w1": torch.ones(2, 2),
-                "lora_unet_img_in.lokr_w2": torch.ones(16, 32),
-                "lora_unet_img_in.dora_scale": torch.ones(32, 1),
+                "diffusion_model.img_in.diff": torch.ones(32, 16),
+                "diffusion_model.img_in.dora_scale": torch.ones(32, 1),
             },
-            "is a DoRA over a LoKr or full delta",
+            "the layer diffusion_model.img_in is a DoRA over a full .diff delta",
         ),
         (
             {"diffusion_model.double_blocks.5.img_attn.qkv.diff": torch.ones(96, 32)},
-            "1 of its LoKr or .diff layers match no FLUX.1 layer",
+            "1 of its LoKr, .diff or DoRA layers match no FLUX.1 layer",
         ),
         (
             {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff": torch.ones(16)},
-            "1 of its LoKr or .diff layers match no FLUX.1 layer",
+            "1 of its LoKr, .diff or DoRA layers match no FLUX.1 layer",
         ),
     ],
-    ids=["half-lokr", "wrong-shape", "tucker", "dora-lokr", "no-such-block", "norm-scale"],
+    ids=["half-lokr", "wrong-shape", "tucker", "dora-diff", "no-such-block", "norm-scale"],
 )
 def test_a_broken_or_foreign_lokr_or_diff_is_refused_and_changes_nothing(
     predictor: Any, tmp_path: Path, state_dict: dict, message: str

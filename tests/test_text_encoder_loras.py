@@ -211,12 +211,17 @@ def test_a_file_with_transformer_and_text_encoder_parts_applies_both(
         ),
         ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", (RANK, 4096), "it was trained for another text encoder"),
         (
-            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.oft_blocks",
             None,
             "of a kind this predictor cannot apply",
         ),
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.dora_scale",
+            (1, 7),
+            "DoRA magnitudes of the CLIP-L text encoder layer encoder.layers.0.self_attn.q_proj fit neither",
+        ),
     ],
-    ids=["unknown layer", "wrong width", "DoRA scale"],
+    ids=["unknown layer", "wrong width", "OFT", "DoRA of no axis"],
 )
 def test_a_text_encoder_tensor_that_cannot_apply_refuses_the_file(
     predictor: Any, base: dict[str, bytes], tmp_path: Path, key: str, shape: tuple | None, problem: str
@@ -224,6 +229,8 @@ def test_a_text_encoder_tensor_that_cannot_apply_refuses_the_file(
     state_dict = write("kohya lora_te1_", pairs(encoders(predictor)["text_encoder"], seed=8))
     if shape is None:
         state_dict[key] = torch.ones(1, 32)
+    elif key.endswith(".dora_scale"):
+        state_dict[key] = torch.ones(*shape)
     else:
         state_dict[f"{key}.lora_down.weight"] = torch.ones(*shape)
         state_dict[f"{key}.lora_up.weight"] = torch.ones(32, RANK)
@@ -364,6 +371,46 @@ def test_a_lycoris_lokr_on_the_text_encoders_merges_and_comes_back(
     for (attribute, name), change in expected.items():
         weight = encoders(predictor)[attribute].get_submodule(name).weight
         torch.testing.assert_close(weight, originals[attribute, name] + 0.3 * change, rtol=0, atol=1e-5)
+    assert image(predictor) == base["dev"]
+    for (attribute, name), original in originals.items():
+        assert torch.equal(encoders(predictor)[attribute].get_submodule(name).weight, original)
+
+
+@pytest.mark.parametrize("per_column", [False, True], ids=["per output row", "per input column"])
+def test_a_text_encoder_dora_is_recomposed_into_the_weight(
+    predictor: Any, base: dict[str, bytes], tmp_path: Path, per_column: bool
+) -> None:
+    """kohya/LyCORIS DoRA on CLIP and T5: weight = m * (W + s dW) / ||W + s dW||, per output row or input
+    column; and back."""
+    image(predictor)
+    generator = torch.Generator().manual_seed(41)
+    layers = {
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1": ("text_encoder", "encoder.layers.0.mlp.fc1"),
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_o": (
+            "text_encoder_2",
+            "encoder.block.0.layer.0.SelfAttention.o",
+        ),
+    }
+    state_dict, expected, originals = {}, {}, {}
+    for kohya, (attribute, name) in layers.items():
+        weight = encoders(predictor)[attribute].get_submodule(name).weight.detach().clone()
+        down = torch.randn(RANK, weight.shape[1], generator=generator) * 0.3
+        up = torch.randn(weight.shape[0], RANK, generator=generator) * 0.3
+        axis = 0 if per_column else 1
+        magnitude = weight.norm(dim=axis, keepdim=True) * 1.2
+        state_dict |= {
+            f"{kohya}.lora_down.weight": down,
+            f"{kohya}.lora_up.weight": up,
+            f"{kohya}.alpha": torch.tensor(2.0),
+        }
+        state_dict[f"{kohya}.dora_scale"] = magnitude
+        changed = weight + 0.6 * (up @ down) * (2.0 / RANK)
+        expected[attribute, name] = magnitude * changed / changed.norm(dim=axis, keepdim=True)
+        originals[attribute, name] = weight
+    assert image(predictor, as_uri(state_dict, tmp_path, "te-dora"), lora_scale=0.6) != base["dev"]
+    for (attribute, name), want in expected.items():
+        layer = encoders(predictor)[attribute].get_submodule(name)
+        torch.testing.assert_close(getattr(layer, "base_layer", layer).weight, want, rtol=1e-5, atol=1e-5)
     assert image(predictor) == base["dev"]
     for (attribute, name), original in originals.items():
         assert torch.equal(encoders(predictor)[attribute].get_submodule(name).weight, original)

@@ -498,3 +498,77 @@ def test_xlabs_x_flux(predictor: Any, tmp_path: Path) -> None:
     for name, (down, up) in pairs.items():
         state_dict |= {f"{name}.down.weight": down, f"{name}.up.weight": up}
     check_applies(predictor, tmp_path, state_dict, expected)
+
+
+def onetrainer_dora_file(
+    predictor: Any, output_format: str, scale: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """OneTrainer's DoRA at its default axis (dora_on_output off: one magnitude per input column), as
+    DoRAModule trains it: W' = m * (W + dW) / ||W + dW||, the norm over each input column of the layer
+    it wraps (fused q/k/v in the KOHYA format). And the weight each diffusers module should then hold."""
+    transformer = transformer_of(predictor)
+    generator = torch.Generator().manual_seed(17)
+    if output_format == "KOHYA":
+        layers = {
+            k: v
+            for k, v in bfl_layers(final=True).items()
+            if k.endswith(("img_attn.qkv", "linear2", "adaLN_modulation.1"))
+        }
+    else:
+        layers = {
+            n: [n]
+            for n in ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "norm_out.linear"]
+        }
+    state_dict, expected = {}, {}
+    for name, targets in layers.items():
+        weights = [transformer.get_submodule(t).weight.detach().float() for t in targets]
+        fused = torch.cat(weights)
+        if name == "final_layer.adaLN_modulation.1":  # BFL's row order
+            fused = torch.cat(fused.chunk(2)[::-1])
+        down, up = random_pair(fused.shape[0], fused.shape[1], generator)
+        update = up @ down * (1.0 / RANK)  # alpha 1
+        magnitude = fused.norm(dim=0, keepdim=True) * (1 + 0.2 * torch.rand(1, fused.shape[1], generator=generator))
+        recomposed = fused + scale * update
+        recomposed = magnitude * recomposed / recomposed.norm(dim=0, keepdim=True)
+        if name == "final_layer.adaLN_modulation.1":
+            recomposed = torch.cat(recomposed.chunk(2)[::-1])
+        expected |= dict(zip(targets, recomposed.split([w.shape[0] for w in weights]), strict=True))
+        if output_format == "KOHYA":
+            key = f"lora_unet_{flat(name)}"
+            state_dict |= {
+                f"{key}.lora_down.weight": down,
+                f"{key}.lora_up.weight": up,
+                f"{key}.alpha": torch.tensor(1.0),
+            }
+        elif output_format == "LEGACY":
+            key = f"lora_transformer_{flat(name)}"
+            state_dict |= {
+                f"{key}.lora_down.weight": down,
+                f"{key}.lora_up.weight": up,
+                f"{key}.alpha": torch.tensor(1.0),
+            }
+        else:  # DIFFUSERS: alpha folded into lora_B; a per-input magnitude stays `dora_scale`
+            key = f"transformer.{name}"
+            state_dict |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up / RANK}
+        state_dict[f"{key}.dora_scale"] = magnitude
+    return state_dict, expected
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("output_format", ["KOHYA", "DIFFUSERS", "LEGACY"])
+def test_onetrainer_dora_per_input_column(predictor: Any, tmp_path: Path, output_format: str, scale: float) -> None:
+    """Recomposed into the weights: at scale 1 what OneTrainer trained; otherwise peft's definition, the
+    scale on dW inside the normalisation. Every other layer untouched; then the base, bit for bit."""
+    transformer = transformer_of(predictor)
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    base = effective(transformer)
+    state_dict, expected = onetrainer_dora_file(predictor, output_format, scale)
+    source = data_uri_of(state_dict, tmp_path, "dora")
+    assert (
+        fast(predictor, prompt="a cat", output_format="png", replicate_weights=source, lora_scale=scale)[0]
+        != base_image
+    )
+    for name, (weight, _) in effective(transformer).items():
+        want = expected.get(name, base[name][0])
+        torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
