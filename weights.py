@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -36,7 +37,14 @@ from huggingface_hub import constants
 
 from downloads import CHUNK_BYTES, Transfer, body, describe, fetch, redact, seconds, start_watchdog
 from errors import LoraSourceError
-from lora_loading.archives import ArchiveProblem, extract_member, short_listing, write_bounded
+from lora_loading.archives import (
+    PEFT_CONFIG,
+    ArchiveProblem,
+    extract_member,
+    peft_config_beside,
+    short_listing,
+    write_bounded,
+)
 from lora_loading.safetensors_check import NOT_A_SAFETENSORS_FILE, safetensors_problem
 
 log = logging.getLogger(__name__)
@@ -117,6 +125,7 @@ class LoraCache:
                 except BlockingIOError:
                     continue  # a request in another process is loading it
                 path.unlink(missing_ok=True)
+                peft_config_beside(path).unlink(missing_ok=True)
                 total -= size
                 log.info("LoRA cache: evicted %s (%d bytes), the least recently used.", path.name, size)
 
@@ -148,6 +157,7 @@ class _Job(Transfer):
 
     cache: LoraCache = None  # type: ignore[assignment]
     part: Path = None  # type: ignore[assignment]
+    peft_config: bytes | None = None  # the adapter_config.json that came with it (PEFT's save_pretrained)
 
     @property
     def member(self) -> Path:
@@ -361,13 +371,21 @@ def _install(job: _Job, target: Path) -> None:
     problem = safetensors_problem(lora)
     if problem is NOT_A_SAFETENSORS_FILE:
         try:
-            extract_member(job.part, job.member, job.cache.max_file_bytes)
+            job.peft_config = extract_member(job.part, job.member, job.cache.max_file_bytes) or job.peft_config
         except ArchiveProblem as archive_problem:
             raise job.error(str(archive_problem)) from None
         _check_member(job)
         lora = job.member
     elif problem is not None:
         raise job.error(f"the .safetensors file is damaged: {problem}")
+    # The config goes in first, so that whoever finds the LoRA in the cache finds its config too.
+    config = peft_config_beside(target)
+    if job.peft_config is None:
+        config.unlink(missing_ok=True)
+    else:
+        staged = job.part.with_suffix(".config.part")
+        staged.write_bytes(job.peft_config)
+        os.replace(staged, config)
     os.replace(lora, target)
 
 
@@ -456,6 +474,11 @@ def _from_hugging_face(job: _Job, reference: Reference) -> None:
         raise job.too_large()
     sha = info.get("sha") if isinstance(info.get("sha"), str) else None
     commit = urllib.parse.quote(sha or reference.version or "main", safe="")
+    # PEFT's save_pretrained keeps the alpha beside the weights, in adapter_config.json.
+    config = posixpath.join(posixpath.dirname(filename), PEFT_CONFIG)
+    if config in sizes:
+        url = f"{endpoint}/{reference.target}/resolve/{commit}/{urllib.parse.quote(config)}"
+        job.peft_config = json.dumps(fetch(job, url, "HF_TOKEN", _json_of(job))).encode()
     _download(job, f"{endpoint}/{reference.target}/resolve/{commit}/{urllib.parse.quote(filename)}", "HF_TOKEN")
 
 

@@ -1,6 +1,7 @@
 """LoRAs that come packed: Replicate's trained weights are a .tar, and people share .zip files
-and compressed tars. The archive's one .safetensors member is streamed out; nothing else is
-written anywhere.
+and compressed tars. The archive's one .safetensors member is streamed out, and the
+`adapter_config.json` beside it read (PEFT's save_pretrained keeps the alpha there); nothing else
+is written anywhere.
 
 Every read is bounded, so that a small archive cannot expand without limit on disk or in
 memory: entries are checked as they are listed (count, paths, kinds, total size) before the
@@ -31,6 +32,8 @@ MAX_ARCHIVE_MEMBERS = 10_000
 ARCHIVE_OVERHEAD_BYTES = 32 * 1024**2
 MAX_ARCHIVE_HEADER_BYTES = 16 * 1024**2
 PREFERRED_MEMBER = "lora.safetensors"
+PEFT_CONFIG = "adapter_config.json"  # PEFT's save_pretrained writes it beside adapter_model.safetensors
+MAX_PEFT_CONFIG_BYTES = 1024**2
 CHUNK_BYTES = 1024 * 1024
 NOT_SAFETENSORS = "the file is not a .safetensors file"
 # Errors of the filesystem being written rather than of the archive being read.
@@ -45,17 +48,22 @@ def too_large(max_bytes: int) -> ArchiveProblem:
     return ArchiveProblem(f"the file is larger than the {max_bytes:,} bytes accepted (FLUX_LORA_MAX_BYTES)")
 
 
-def extract_member(archive: Path, member: Path, max_bytes: int) -> None:
-    """Stream the one .safetensors member of `archive` (zip, or tar, plain or gzip/bzip2/xz) to `member`."""
+def extract_member(archive: Path, member: Path, max_bytes: int) -> bytes | None:
+    """Stream the one .safetensors member of `archive` (zip, or tar, plain or gzip/bzip2/xz) to `member`.
+    Returns the PEFT adapter_config.json in the same folder, if there is one."""
     unreadable = ArchiveProblem("the archive cannot be read (damaged, encrypted or compressed in an unknown way)")
+    configs: dict[str, bytes] = {}  # adapter_config.json by folder
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as opened:
                 infos = opened.infolist()
                 listing = ((info.filename, info.file_size, _zip_kind(info)) for info in infos)
                 index = _choose_member(listing, max_bytes)
+                for info in infos:
+                    if _is_peft_config(info.filename, info.file_size, _zip_kind(info)):
+                        configs[_folder(info.filename)] = opened.read(info)
                 _write_member(opened.open(infos[index]), member, max_bytes)
-            return
+            return configs.get(_folder(infos[index].filename))
         with _decompressed(archive) as (stream, compressed):
             bounded = _Bounded(stream, max_bytes + ARCHIVE_OVERHEAD_BYTES)
             try:
@@ -73,15 +81,32 @@ def extract_member(archive: Path, member: Path, max_bytes: int) -> None:
                     for entry in tar:  # lazily: an entry too large is refused before reading past it
                         members.append(entry)
                         yield entry.name, entry.size, _tar_kind(entry)
+                        if _is_peft_config(entry.name, entry.size, _tar_kind(entry)):
+                            config = tar.extractfile(entry)  # small: read as it is listed
+                            configs[_folder(entry.name)] = config.read() if config else b""
 
                 index = _choose_member(listed(), max_bytes)
                 _write_member(tar.extractfile(members[index]), member, max_bytes)
+            return configs.get(_folder(members[index].name))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, RuntimeError):
         raise unreadable from None
     except OSError as error:  # gzip.BadGzipFile, or bz2's "Invalid data stream"; the disk's pass through
         if error.errno in DISK_ERRNOS:
             raise
         raise unreadable from None
+
+
+def peft_config_beside(lora: Path) -> Path:
+    """Where the adapter_config.json that came with a fetched LoRA is kept: beside it in the cache."""
+    return lora.with_suffix(".adapter_config.json")
+
+
+def _is_peft_config(name: str, size: int, kind: str) -> bool:
+    return kind == "file" and name.replace("\\", "/").split("/")[-1] == PEFT_CONFIG and size <= MAX_PEFT_CONFIG_BYTES
+
+
+def _folder(name: str) -> str:
+    return name.replace("\\", "/").rpartition("/")[0].removeprefix("./")
 
 
 def short_listing(names: list[str], shown: int = 10) -> str:

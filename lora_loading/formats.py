@@ -35,6 +35,7 @@ from diffusers import FluxPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from errors import LoraFormatError
+from lora_loading.archives import PEFT_CONFIG, peft_config_beside
 from lora_loading.deltas import Change, Delta, Recomposed
 from lora_loading.lycoris import LOKR_PARTS, loha_to_lora, lokr_factors
 from lora_loading.text_encoders import (
@@ -124,10 +125,48 @@ def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
+    if any(key.startswith(PEFT_PREFIX) for key in state_dict):
+        state_dict, metadata = _peft_save(state_dict, metadata, lora)
     state_dict = loha_to_lora(metadata_alphas(respelled(state_dict), metadata, lora.input_name), lora.input_name)
     if reads is not None:
         reads[lora.path] = state_dict
     return state_dict
+
+
+PEFT_PREFIX = "base_model.model."  # peft's own save_pretrained of a PeftModel around the transformer
+
+
+def _peft_save(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], lora: LoraFile
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file written by peft's save_pretrained, in diffusers' names, with its adapter_config.json (which
+    holds the alpha, as diffusers' own saves hold it in the header) as header metadata. The config came with
+    it from a Hugging Face repository or an archive (kept beside it in the cache), or sits beside a local
+    file. Without it the scale is unknown, and guessing would apply another LoRA."""
+    renamed = {
+        (f"transformer.{key.removeprefix(PEFT_PREFIX)}" if key.startswith(PEFT_PREFIX) else key): tensor
+        for key, tensor in state_dict.items()
+    }
+    for candidate in (peft_config_beside(lora.path), lora.path.with_name(PEFT_CONFIG)):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except (OSError, ValueError) as error:
+                raise LoraFormatError(f"Invalid {lora.input_name}: its adapter_config.json is not JSON.") from error
+            if not isinstance(config, dict):
+                raise LoraFormatError(f"Invalid {lora.input_name}: its adapter_config.json is not a JSON object.")
+            metadata = {
+                **metadata,
+                LORA_ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}),
+            }
+            return renamed, metadata
+    if metadata.get(LORA_ADAPTER_METADATA_KEY) or any(key.endswith(".alpha") for key in state_dict):
+        return renamed, metadata
+    raise LoraFormatError(
+        f"Invalid {lora.input_name}: this is a file saved by peft's save_pretrained (base_model.model. keys), whose "
+        "alpha is kept in the adapter_config.json beside it; give the Hugging Face repository, or a .zip or .tar "
+        "holding both files."
+    )
 
 
 # BFL's top-level module names: OneTrainer's ORIGINAL format writes them bare, ComfyUI under `diffusion_model.`.
@@ -167,8 +206,10 @@ def metadata_alphas(
         alpha = config.get(f"{component}.lora_alpha")
         if alpha is None:
             continue
-        if config.get(f"{component}.use_dora"):
-            raise LoraFormatError(f"Invalid {input_name}: it is a DoRA, which this predictor cannot apply yet.")
+        if config.get(f"{component}.use_dora") and not any(
+            key.startswith(f"{component}.") and key.endswith(DORA_MAGNITUDE) for key in state_dict
+        ):
+            raise LoraFormatError(f"Invalid {input_name}: its header says DoRA, and it holds no DoRA magnitudes.")
         patterns = config.get(f"{component}.alpha_pattern") or {}
         rslora = bool(config.get(f"{component}.use_rslora"))
         for key, tensor in state_dict.items():

@@ -533,15 +533,8 @@ def onetrainer_dora_file(
         if name == "final_layer.adaLN_modulation.1":
             recomposed = torch.cat(recomposed.chunk(2)[::-1])
         expected |= dict(zip(targets, recomposed.split([w.shape[0] for w in weights]), strict=True))
-        if output_format == "KOHYA":
-            key = f"lora_unet_{flat(name)}"
-            state_dict |= {
-                f"{key}.lora_down.weight": down,
-                f"{key}.lora_up.weight": up,
-                f"{key}.alpha": torch.tensor(1.0),
-            }
-        elif output_format == "LEGACY":
-            key = f"lora_transformer_{flat(name)}"
+        if output_format in ("KOHYA", "LEGACY"):
+            key = f"{'lora_unet' if output_format == 'KOHYA' else 'lora_transformer'}_{flat(name)}"
             state_dict |= {
                 f"{key}.lora_down.weight": down,
                 f"{key}.lora_up.weight": up,
@@ -571,4 +564,109 @@ def test_onetrainer_dora_per_input_column(predictor: Any, tmp_path: Path, output
     for name, (weight, _) in effective(transformer).items():
         want = expected.get(name, base[name][0])
         torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+
+
+# peft's own save_pretrained --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_saved(predictor: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A PeftModel around a copy of the demo transformer, saved by peft's save_pretrained: the folder
+    (adapter_model.safetensors, with `base_model.model.` keys, and adapter_config.json, which alone holds
+    the alpha and alpha_pattern), and the model, whose layers compute what the file means."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    transformer = copy.deepcopy(transformer_of(predictor))
+    transformer.unload_lora()  # the copy of whatever an earlier test left loaded
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=2 * RANK,
+        alpha_pattern={"ff.net.2": RANK},
+        target_modules=["attn.to_q", "attn.to_v", "ff.net.2", "proj_out"],
+        init_lora_weights=False,
+    )
+    torch.manual_seed(18)
+    model = get_peft_model(transformer, config)
+    folder = tmp_path_factory.mktemp("peft") / "my-lora"
+    model.save_pretrained(str(folder))
+    return folder, model
+
+
+def check_peft_saved(predictor: Any, source: str, reference: torch.nn.Module) -> None:
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    assert fast(predictor, prompt="a cat", output_format="png", replicate_weights=source)[0] != base_image
+    transformer = transformer_of(predictor)
+    adapted = 0
+    for name, layer in linears(transformer).items():
+        theirs = reference.base_model.model.get_submodule(name)
+        x = torch.randn(2, getattr(theirs, "base_layer", theirs).in_features)
+        torch.testing.assert_close(layer(x), theirs(x), rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        adapted += hasattr(theirs, "base_layer")
+    assert adapted == 7  # to_q, to_v in both blocks, ff.net.2, proj_out in the single block and the final one
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+
+
+def test_peft_save_pretrained_from_a_local_folder(
+    predictor: Any, peft_saved: tuple, demo_models: Any, tmp_path: Path
+) -> None:
+    """A deployment's FLUX_MAIN_LORA naming the saved file: the config beside it is read."""
+    import shutil
+
+    from tests.conftest import data_uri, make_predictor, predictor_env
+
+    folder, _ = peft_saved
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    env = predictor_env(demo_models, tmp_path / "cache", FLUX_MAIN_LORA=str(folder / "adapter_model.safetensors"))
+    trained = make_predictor(env, "TrainedLoraPredictor")
+    archive = data_uri(Path(shutil.make_archive(str(tmp_path / "lora"), "zip", folder.parent, folder.name)))
+    want = fast(predictor, prompt="a cat", output_format="png", replicate_weights=archive)[0]
+    assert fast(trained, prompt="a cat", output_format="png")[0] == want
+
+
+@pytest.mark.parametrize("packing", ["zip", "tar.gz"])
+def test_peft_save_pretrained_in_an_archive(predictor: Any, peft_saved: tuple, tmp_path: Path, packing: str) -> None:
+    import shutil
+
+    from tests.conftest import data_uri
+
+    folder, reference = peft_saved
+    archive = shutil.make_archive(
+        str(tmp_path / "lora"), "zip" if packing == "zip" else "gztar", folder.parent, folder.name
+    )
+    check_peft_saved(predictor, data_uri(Path(archive)), reference)
+
+
+def test_peft_save_pretrained_from_a_hugging_face_repository(
+    predictor: Any, peft_saved: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fake_hosts import start_fake_host
+
+    folder, reference = peft_saved
+    hub = start_fake_host()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        hub.serve_hf_repo("me/peft-lora", {p.name: p.read_bytes() for p in folder.iterdir()})
+        check_peft_saved(predictor, "huggingface.co/me/peft-lora", reference)
+        assert any(path.endswith("/adapter_config.json") for path in hub.requests)
+    finally:
+        hub.close()
+
+
+def test_peft_save_pretrained_without_its_config_is_refused(predictor: Any, peft_saved: tuple) -> None:
+    """The alpha is not in the file: any guess would apply another LoRA."""
+    from errors import InputError
+    from tests.conftest import data_uri
+
+    folder, _ = peft_saved
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    with pytest.raises(InputError) as caught:
+        fast(predictor, prompt="a cat", replicate_weights=data_uri(folder / "adapter_model.safetensors"))
+    assert str(caught.value) == (
+        "Invalid replicate_weights: this is a file saved by peft's save_pretrained (base_model.model. keys), whose "
+        "alpha is kept in the adapter_config.json beside it; give the Hugging Face repository, or a .zip or .tar "
+        "holding both files."
+    )
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ import downloads
 import weights
 from errors import LoraSourceError
 from lora_loading import archives
+from lora_loading.archives import peft_config_beside
 from tests.conftest import data_uri
 from tests.fake_hosts import FakeHost, start_fake_host
 from weights import LoraCache, Reference, fetch_lora, parse_source
@@ -270,6 +272,25 @@ def test_hugging_face_repo_with_one_lora(host: FakeHost, cache: LoraCache) -> No
     assert fetch(cache, "https://huggingface.co/me/repo") == lora(4)
     assert len(host.requests) == calls  # the cache answered, the hub was not asked
     assert cached_files(cache) == [cache.path_for(parse_source("x", "hf.co/me/repo").cache_key()).name]
+
+
+def test_a_peft_config_comes_with_its_lora_and_goes_with_it(host: FakeHost, tmp_path: Path) -> None:
+    """peft's save_pretrained keeps the alpha in adapter_config.json: fetched with the file from a repository
+    (the one in the file's folder) or an archive, kept beside it in the cache, and evicted with it."""
+    cache = LoraCache(tmp_path / "cache", max_file_bytes=100_000, max_total_bytes=1)
+    config = b'{"r": 4, "lora_alpha": 8}'
+    host.serve_hf_repo("me/peft", {"sub/adapter_model.safetensors": lora(5), "sub/adapter_config.json": config})
+    from_hub = fetch_lora("extra_lora", "huggingface.co/me/peft/sub/adapter_model.safetensors", cache)
+    assert json.loads(peft_config_beside(from_hub).read_bytes()) == json.loads(config)
+    packed = zipped(
+        {"x/adapter_model.safetensors": lora(6), "x/adapter_config.json": config, "adapter_config.json": b"[]"}
+    )
+    from_zip = fetch_lora("extra_lora", data_uri(packed), cache)
+    assert peft_config_beside(from_zip).read_bytes() == config  # the one in the member's folder
+    plain = fetch_lora("extra_lora", data_uri(lora(7)), cache)
+    assert not peft_config_beside(plain).exists()
+    cache.evict(keep=[plain])
+    assert cached_files(cache) == [plain.name]
 
 
 def test_hugging_face_repo_with_several_loras_needs_a_file_name(host: FakeHost, cache: LoraCache) -> None:
