@@ -2,8 +2,8 @@
 
 - `LoraAdapters`: one model's transformer (dev and schnell each have their own);
 - `TextEncoderLoras`: the text encoders the two models share, set from every request;
-- bias and weight deltas (`.diff_b`, `.diff`, LoKr) go through lora_loading/deltas.py, added in
-  place and put back bit for bit.
+- bias and weight deltas (`.diff_b`, `.diff`, LoKr) and the DoRAs peft cannot hold go through
+  lora_loading/deltas.py: changed in place and put back bit for bit.
 
 diffusers + peft do the loading (`load_lora_weights`) and the scaling (`set_adapters`).
 Around them we add what a server needs:

@@ -1,13 +1,14 @@
-"""Deltas added into a model's own parameters in place, with the exact originals put back afterwards.
+"""Changes made to a model's own parameters in place, with the exact originals put back afterwards.
 
 For what peft's LoRA layers cannot hold:
 - ComfyUI's bias deltas (`.diff_b`, its extract node's default) and full weight deltas (`.diff`: its
-  `full_diff` mode, and the norm weights of a text-encoder extract);
+  `full_diff` mode, ai-toolkit's `all_layers` norms, the norm weights of a text-encoder extract);
 - LyCORIS LoKr layers. Their update kron(w1, w2) is usually of full rank (FLUX LoKr files mostly keep
   full factors), so it has no exact LoRA form. peft's LoKr layers would be a second adapter type beside
-  the LoRA ones and recompute the full delta in every forward; merged here it costs nothing per step.
+  the LoRA ones and recompute the full delta in every forward; merged here it costs nothing per step;
+- the DoRAs peft's DoRA layers do not take (`Recomposed`).
 
-A delta stays in the file's small form (a tensor, or two factors) until it is applied, and is made
+A change stays in the file's small form (a tensor, or two factors) until it is applied, and is made
 on the parameter's device then. Originals are kept on the CPU: a LoKr over every layer of FLUX.1
 would otherwise hold a second transformer in GPU memory.
 """

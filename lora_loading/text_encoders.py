@@ -79,8 +79,8 @@ PARTS = {
 
 @dataclass
 class EncoderLora:
-    """One file's LoRA for one encoder: per Linear module, (A with alpha/rank folded in, B); and what is
-    added into parameters in place, by parameter name."""
+    """One file's LoRA for one encoder: per Linear module peft wraps, (A with alpha/rank folded in, B); and
+    what is changed in the parameters in place (deltas.py)."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deltas: dict[tuple[str, ...], Change] = field(default_factory=dict)  # by the parameter names each takes
@@ -128,7 +128,7 @@ def text_encoder_loras(
     if unsupported:
         raise LoraFormatError(
             f"Invalid {input_name}: these text-encoder tensors are of a kind this predictor cannot apply "
-            f"(LoRA pairs, alphas, .diff/.diff_b deltas and LoKr only): {_first(unsupported)}."
+            f"(LoRA pairs, alphas, .diff/.diff_b deltas, LoKr and DoRA magnitudes only): {_first(unsupported)}."
         )
     loras: dict[str, EncoderLora] = {}
     unmatched = []
