@@ -111,8 +111,9 @@ def each_file_read_once() -> Iterator[None]:
 
 
 def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """Only safetensors are ever deserialised: a pickle can run code on load. An alpha kept only in the
-    file's metadata is folded into the tensors here (`metadata_alphas`), and LyCORIS LoHa layers become
+    """Only safetensors are ever deserialised: a pickle can run code on load. Spellings are made the one
+    the rest reads (`respelled`, `_peft_save`), an alpha kept only in the file's metadata or a peft save's
+    adapter_config.json is folded into the tensors (`metadata_alphas`), and LyCORIS LoHa layers become
     exact LoRA pairs (lora_loading/lycoris.py)."""
     reads = _READS.get()
     if reads is not None and lora.path in reads:
