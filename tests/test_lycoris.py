@@ -87,6 +87,8 @@ def weight_of(layer: torch.nn.Module) -> torch.Tensor:
         {"algo": "lora", "linear_dim": 4, "linear_alpha": 2, "dora_wd": True, "wd_on_output": False},
         {"algo": "lokr", "linear_dim": 2, "linear_alpha": 1, "factor": 4, "dora_wd": True},
         {"algo": "loha", "linear_dim": 2, "linear_alpha": 1, "dora_wd": True, "wd_on_output": False},
+        # "full": the whole weight and bias trained, saved as .diff and .diff_b.
+        {"algo": "full"},
     ],
     ids=[
         "lokr-full",
@@ -98,6 +100,7 @@ def weight_of(layer: torch.nn.Module) -> torch.Tensor:
         "dora-per-column",
         "lokr-dora",
         "loha-dora-per-column",
+        "full",
     ],
 )
 def test_a_lycoris_file_computes_what_lycoris_computes(predictor: Any, tmp_path: Path, config: dict) -> None:
@@ -107,6 +110,7 @@ def test_a_lycoris_file_computes_what_lycoris_computes(predictor: Any, tmp_path:
     base_image = fast(predictor, prompt="a cat", output_format="png")[0]
     transformer = transformer_of(predictor)
     originals = {name: module.weight.detach().clone() for name, module in plain_linears(transformer).items()}
+    biases = {name: module.bias for name, module in plain_linears(transformer).items()}
     path, lycoris_model = lycoris_file(transformer, tmp_path, seed=5, scale=scale, **config)
     if config.get("dora_wd"):
         assert any(key.endswith(".dora_scale") for key in safetensors.torch.load_file(path))
@@ -122,7 +126,7 @@ def test_a_lycoris_file_computes_what_lycoris_computes(predictor: Any, tmp_path:
         inputs = x[:, : want_layer.in_features]
         want = want_layer(inputs)  # LyCORIS's forward where it wrapped the layer
         torch.testing.assert_close(module(inputs), want, rtol=1e-4, atol=1e-4, msg=name)
-        changed += not torch.allclose(want, torch.nn.functional.linear(inputs, originals[name], want_layer.bias))
+        changed += not torch.allclose(want, torch.nn.functional.linear(inputs, originals[name], biases[name]))
     assert changed >= 10  # the attention and MLP layers of both blocks, not a file that did nothing
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
     assert all(torch.equal(plain_linears(transformer)[name].weight, w) for name, w in originals.items())
@@ -307,4 +311,15 @@ def test_a_broken_or_foreign_lokr_or_diff_is_refused_and_changes_nothing(
     base = fast(predictor, prompt="a cat", output_format="png")[0]
     with pytest.raises(InputError, match=re.escape(message)):
         fast(predictor, prompt="a cat", replicate_weights=data_uri_of(state_dict, tmp_path, "broken"))
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "ia3"])
+def test_lycoris_kinds_not_applied_are_refused_by_name(predictor: Any, tmp_path: Path, algo: str) -> None:
+    transformer = transformer_of(predictor)
+    fast(predictor, prompt="a cat")
+    base = fast(predictor, prompt="a cat", output_format="png")[0]
+    path, _ = lycoris_file(transformer, tmp_path, seed=9, scale=1.0, algo=algo, linear_dim=4)
+    with pytest.raises(InputError, match="it holds tensors of kinds this predictor cannot apply"):
+        fast(predictor, prompt="a cat", replicate_weights=data_uri(path))
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base
