@@ -323,3 +323,19 @@ def test_lycoris_kinds_not_applied_are_refused_by_name(predictor: Any, tmp_path:
     with pytest.raises(InputError, match="it holds tensors of kinds this predictor cannot apply"):
         fast(predictor, prompt="a cat", replicate_weights=data_uri(path))
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base
+
+
+def test_a_failing_second_lora_leaves_no_trace_of_the_first_ones_merge(predictor: Any, tmp_path: Path) -> None:
+    """All-or-nothing holds for merged changes too: a valid LoKr with a broken extra_lora fails the request,
+    and the model is the base (bit for bit) for the next one, which then merges the LoKr afresh."""
+    transformer = transformer_of(predictor)
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    weights = {name: module.weight.detach().clone() for name, module in plain_linears(transformer).items()}
+    path, _ = lycoris_file(transformer, tmp_path, seed=12, scale=1.0, algo="lokr", linear_dim=10000, factor=4)
+    lokr_alone = fast(predictor, prompt="a cat", output_format="png", replicate_weights=data_uri(path))[0]
+    broken = data_uri_of({"lora_unet_img_in.lokr_w1": torch.ones(2, 2)}, tmp_path, "broken")
+    with pytest.raises(InputError, match="lacks its w2 factor"):
+        fast(predictor, prompt="a cat", replicate_weights=data_uri(path), extra_lora=broken)
+    assert all(torch.equal(plain_linears(transformer)[name].weight, w) for name, w in weights.items())
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+    assert fast(predictor, prompt="a cat", output_format="png", replicate_weights=data_uri(path))[0] == lokr_alone
