@@ -8,7 +8,7 @@ done below:
 - spellings it does not read (`respelled`, `comfyui_peft_to_kohya`, `flattened_names_to_peft`):
   ComfyUI's and OneTrainer's PEFT names on BFL modules, bare BFL names, SimpleTuner's
   `lycoris_` names and the mixture's MLP layers;
-- alphas it does not apply (`metadata_alphas`, `bfl_alphas_folded`): header-only alphas,
+- alphas it does not apply (`metadata_alphas`, `bfl_alphas_fixed`): header-only alphas,
   the final layer's modulation, kohya split_qkv's per-part scale;
 - tensors that are not LoRA pairs (`transformer_deltas`, `dora_magnitudes`): `.diff_b`,
   `.diff`, LyCORIS LoKr and DoRA magnitudes, by diffusers module;
@@ -550,17 +550,19 @@ def flattened_names_to_peft(
     return converted
 
 
-def bfl_alphas_folded(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """BFL-named pairs (kohya's `lora_unet_`, ComfyUI's `diffusion_model.`) with alpha / rank folded into
-    lora_down (their alpha set to the rank), before diffusers' converter sees them. Where it falls short:
-    - it leaves the final layer's modulation (`final_layer.adaLN_modulation.1`) unscaled by its alpha;
+def bfl_alphas_fixed(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The alphas of BFL-named pairs (kohya's `lora_unet_`, ComfyUI's `diffusion_model.`) where diffusers'
+    converter, which applies the others, falls short:
+    - it drops the final layer's alphas (`final_layer.linear`, `.adaLN_modulation.1`: "TODO: alphas" in its
+      `assign_remaining_weights`): here alpha / rank is folded into their lora_down, and alpha set to the rank;
     - kohya's `split_qkv` trains q, k, v (and a single block's MLP input) as separate rank-r LoRAs, each
       scaled alpha / r, and saves them as one rank-n*r pair: the downs stacked, the ups block-diagonal, the
       alpha unchanged. Every reader since, kohya's own and diffusers' included, divides that alpha by n*r,
       which weakens those layers n times (kohya-ss/sd-scripts#2204). Such a pair, found the way diffusers
-      finds it (the up's off-diagonal blocks all zero), gets the alpha / r it was trained with."""
+      finds it (the up's off-diagonal blocks all zero), gets its alpha multiplied by n: alpha / r per part,
+      as trained."""
     modules = linear_layers(transformer)
-    folded = dict(state_dict)
+    fixed = dict(state_dict)
     for key, alpha in state_dict.items():
         if not (key.startswith(("lora_unet_", "diffusion_model.")) and key.endswith(".alpha")):
             continue
@@ -571,11 +573,14 @@ def bfl_alphas_folded(state_dict: dict[str, torch.Tensor], transformer: torch.nn
         bfl = layer.removeprefix("diffusion_model.")
         if layer.startswith("lora_unet_"):
             bfl = _kohya_to_bfl(layer.removeprefix("lora_unet_")) or ""
+        if bfl.startswith("final_layer."):
+            fixed[f"{layer}.lora_down.weight"] = down.float() * (float(alpha) / down.shape[0])
+            fixed[key] = torch.tensor(float(down.shape[0]))  # alpha = rank: a scale of 1 from here on
+            continue
         layers = [modules.get(target) for target in _bfl_targets(bfl) or ()]
-        parts = len(layers) if _block_diagonal(up, [m.out_features for m in layers if m is not None]) else 1
-        folded[f"{layer}.lora_down.weight"] = down.float() * (float(alpha) * parts / down.shape[0])
-        folded[key] = torch.tensor(float(down.shape[0]))  # alpha = rank: a scale of 1 from here on
-    return folded
+        if _block_diagonal(up, [module.out_features for module in layers if module is not None]):
+            fixed[key] = alpha.float() * len(layers)
+    return fixed
 
 
 def _block_diagonal(up: torch.Tensor, widths: list[int]) -> bool:
@@ -620,7 +625,7 @@ def check_lora_matches(
     if not rest and (text_encoder_part or deltas):
         return {}
     rest = flattened_names_to_peft(rest, pipeline.transformer, input_name)
-    rest = bfl_alphas_folded(comfyui_peft_to_kohya(rest), pipeline.transformer)
+    rest = bfl_alphas_fixed(comfyui_peft_to_kohya(rest), pipeline.transformer)
     try:
         converted, alphas = FluxPipeline.lora_state_dict(rest, return_alphas=True)
     except Exception as error:
