@@ -310,7 +310,7 @@ def standard_path_reason(path: Path) -> str | None:
         return "full weight deltas (.diff)"
     if any(key.endswith(LOKR_PARTS) for key in keys):
         return "LyCORIS LoKr layers"
-    if any(key.endswith((DORA_MAGNITUDE, DORA_SCALE)) for key in keys):
+    if any(key.endswith((DORA_MAGNITUDE, f"{DORA_MAGNITUDE}.weight", DORA_SCALE)) for key in keys):
         return "DoRA magnitudes"
     return None
 

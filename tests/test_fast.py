@@ -256,12 +256,15 @@ def test_go_fast_requests_with_in_place_deltas_run_the_standard_path_and_leave_n
     assert png(fast_predictor, go_fast=True) == base
 
 
+@pytest.mark.parametrize("spelling", ["peft", "OneTrainer"])
 def test_go_fast_requests_with_a_dora_run_the_standard_path(
-    fast_predictor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fast_predictor: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, spelling: str
 ) -> None:
     from tests.test_lora_formats import data_uri_of, peft_dora
 
     _, state_dict = peft_dora(fast_predictor)
+    if spelling == "OneTrainer":  # its DIFFUSERS format: lora_magnitude_vector.weight
+        state_dict = {k + (".weight" if k.endswith("lora_magnitude_vector") else ""): v for k, v in state_dict.items()}
     source = data_uri_of(state_dict, tmp_path, "dora")
     base = png(fast_predictor, go_fast=True)
     with caplog.at_level(logging.INFO):
