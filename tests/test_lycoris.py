@@ -32,7 +32,12 @@ from tests.conftest import data_uri, fast
 from tests.test_lora_formats import data_uri_of
 
 logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-PRESET = {"target_module": ["FluxAttention", "FeedForward"], "module_algo_map": {"FeedForward": {"factor": 4}}}
+# SimpleTuner's documented preset. LycorisNetwork keeps presets on the class, so each sets every field it uses.
+PRESET = {
+    "target_module": ["FluxAttention", "FeedForward"],
+    "target_name": [],
+    "module_algo_map": {"FeedForward": {"factor": 4}},
+}
 
 
 def transformer_of(predictor: Any) -> torch.nn.Module:
@@ -198,7 +203,7 @@ def test_a_kohya_lokr_splits_bfl_fused_layers_by_rows(predictor: Any, tmp_path: 
     originals = {
         name: layer.weight.detach().clone() for name, layer in bfl.named_modules() if isinstance(layer, torch.nn.Linear)
     }
-    LycorisNetwork.apply_preset({"target_name": list(BFL_ROWS)})
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": list(BFL_ROWS), "module_algo_map": {}})
     network = create_lycoris(bfl, 0.6, **config)
     network.apply_to()
     randomize(network, seed=8)
