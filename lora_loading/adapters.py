@@ -28,17 +28,24 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from errors import LoraFormatError
-from lora_loading.deltas import Change, ParameterDeltas
-from lora_loading.formats import LoraFile, check_lora_matches, read_lora, transformer_deltas
+from lora_loading.deltas import Change, ParameterDeltas, Placed
+from lora_loading.formats import LoraFile, match_lora, read_lora
 from lora_loading.text_encoders import EncoderLora, linear_layers, text_encoder_loras
 
 log = logging.getLogger(__name__)
 
 
-def parameter_of(model: torch.nn.Module, name: str, layers: dict[str, torch.nn.Linear]) -> torch.nn.Parameter:
-    """`<module>.weight`/`.bias` of `model`; under a LoRA already applied, the wrapped layer's own."""
-    module, attribute = name.rsplit(".", 1)
-    return getattr(layers.get(module) or model.get_submodule(module), attribute)
+def placed(model: torch.nn.Module, changes: dict[tuple[str, ...], Change], index: int) -> list[Placed]:
+    """Each change with the parameters it names (`<module>.weight`/`.bias`): the base layer's own under a
+    peft wrapper, which loading and unloading adapters leave in place. Resolved once per load, not per
+    request."""
+    layers = linear_layers(model)
+
+    def parameter(name: str) -> torch.nn.Parameter:
+        module, attribute = name.rsplit(".", 1)
+        return getattr(layers.get(module) or model.get_submodule(module), attribute)
+
+    return [(tuple(map(parameter, names)), change, index) for names, change in changes.items()]
 
 
 class LoraAdapters:
@@ -52,7 +59,7 @@ class LoraAdapters:
         self.in_place = in_place or ParameterDeltas()
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
-        self.deltas: list[tuple[int, dict[tuple[str, ...], Change]]] = []  # (LoRA index, changes by parameter names)
+        self.changes: list[Placed] = []  # made in place (deltas.py), each following its LoRA's scale
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         keys = tuple(lora.key for lora in loras)
@@ -68,29 +75,18 @@ class LoraAdapters:
             transformer.set_adapters([name for name, _ in active], [loras[index].scale for _, index in active])
         elif self.adapters:
             transformer.disable_adapters()
-        layers = linear_layers(transformer)
-        self.in_place.set(
-            [
-                (tuple(parameter_of(transformer, name, layers) for name in names), change, loras[index].scale)
-                for index, changes in self.deltas
-                for names, change in changes.items()
-                if loras[index].scale != 0
-            ]
-        )
+        self.in_place.set_scaled(self.changes, [lora.scale for lora in loras])
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()
         try:
             for index, lora in enumerate(loras):
-                state_dict = read_lora(lora)
-                transformer_part = check_lora_matches(self.pipeline, state_dict, lora.input_name)
+                transformer_part, changes = match_lora(self.pipeline, read_lora(lora), lora.input_name)
                 if transformer_part:  # empty for a file that adapts only the text encoders or biases
                     name = f"lora_{index}"
                     self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
                     self.adapters.append((name, index))
-                deltas = transformer_deltas(state_dict, self.pipeline.transformer, lora.input_name)
-                if deltas:
-                    self.deltas.append((index, deltas))
+                self.changes += placed(self.pipeline.transformer, changes, index)
         except BaseException:
             # All-or-nothing: peft removes its layers and restores the original modules,
             # so the transformer is bit-for-bit the base model again.
@@ -103,7 +99,7 @@ class LoraAdapters:
             self.pipeline.transformer.unload_lora()
         self.in_place.restore()
         self.adapters = []
-        self.deltas = []
+        self.changes = []
         self.loaded_keys = ()
 
 
@@ -114,7 +110,7 @@ class TextEncoderLoras:
         self.models = models  # by attribute: text_encoder, text_encoder_2
         self.loaded_keys: tuple[str, ...] = ()
         self.adapters: dict[str, list[tuple[str, int]]] = {}  # by encoder: (adapter name, index of its LoRA)
-        self.deltas: list[tuple[str, int, dict[tuple[str, ...], Change]]] = []  # (encoder, LoRA index, changes)
+        self.changes: list[Placed] = []  # made in place (deltas.py), each following its LoRA's scale
         self.in_place = ParameterDeltas()
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
@@ -127,19 +123,7 @@ class TextEncoderLoras:
                     for name, index in adapters:
                         if name in module.scaling:
                             module.set_scale(name, loras[index].scale)
-        layers = {attribute: linear_layers(model) for attribute, model in self.models.items()}
-        self.in_place.set(
-            [
-                (
-                    tuple(parameter_of(self.models[attribute], name, layers[attribute]) for name in names),
-                    change,
-                    loras[index].scale,
-                )
-                for attribute, index, changes in self.deltas
-                for names, change in changes.items()
-                if loras[index].scale != 0
-            ]
-        )
+        self.in_place.set_scaled(self.changes, [lora.scale for lora in loras])
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()
@@ -152,8 +136,7 @@ class TextEncoderLoras:
                         name = f"text_lora_{index}"
                         self._inject(attribute, name, part)
                         self.adapters.setdefault(attribute, []).append((name, index))
-                    if part.deltas:
-                        self.deltas.append((attribute, index, part.deltas))
+                    self.changes += placed(self.models[attribute], part.deltas, index)
             for attribute, adapters in self.adapters.items():
                 names = [name for name, _ in adapters]
                 for module in self.models[attribute].modules():
@@ -201,5 +184,5 @@ class TextEncoderLoras:
                 model._hf_peft_config_loaded = None
         self.in_place.restore()
         self.adapters = {}
-        self.deltas = []
+        self.changes = []
         self.loaded_keys = ()

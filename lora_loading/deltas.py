@@ -77,6 +77,17 @@ class Recomposed:
     magnitude: torch.Tensor  # (1, in) per column, or (out, 1) per row, in the same row order
     per_column: bool
 
+    @classmethod
+    def of(cls, update: Delta, magnitude: torch.Tensor, shape: tuple[int, ...]) -> Recomposed | None:
+        """Magnitudes given (1, in) are per input column; out of them, per output row. None: they fit
+        neither axis of a weight of `shape`."""
+        out_features, in_features = shape
+        if magnitude.ndim == 2 and tuple(magnitude.shape) == (1, in_features):
+            return cls(update, magnitude.float(), per_column=True)
+        if magnitude.numel() == out_features:
+            return cls(update, magnitude.float().reshape(-1, 1), per_column=False)
+        return None
+
     def apply(self, weights: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
         stacked = torch.cat(weights) + scale * self.update.on(weights[0].device)
         norm = stacked.norm(dim=0 if self.per_column else 1, keepdim=True)
@@ -85,6 +96,8 @@ class Recomposed:
 
 
 Change = Delta | Recomposed
+# A change resolved to the parameters it takes, with the index of the LoRA whose scale it follows.
+Placed = tuple[tuple[torch.nn.Parameter, ...], Change, int]
 
 
 class ParameterDeltas:
@@ -122,6 +135,11 @@ class ParameterDeltas:
             self.restore()
             raise
         self.current = wanted
+
+    def set_scaled(self, placed: Sequence[Placed], scales: Sequence[float]) -> None:
+        """Each change at the scale of its LoRA. A LoRA at scale 0 is left out rather than scaled by 0: a
+        recomposed DoRA at 0 would still renormalise the weights."""
+        self.set([(parameters, change, scales[index]) for parameters, change, index in placed if scales[index] != 0])
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -178,14 +178,13 @@ def respelled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Spellings of layouts this predictor reads, in the one the rest expects:
     - bare BFL names (OneTrainer's ORIGINAL format) get ComfyUI's `diffusion_model.`;
     - `.lora_magnitude_vector.weight` (OneTrainer's DIFFUSERS format) is peft's `.lora_magnitude_vector`."""
-    spelled = {}
-    for key, tensor in state_dict.items():
-        if key.startswith((*BFL_TOP_LEVEL, "final_layer.")) and ".processor." not in key:  # XLabs' keep theirs
-            key = f"diffusion_model.{key}"
-        if key.endswith(f"{DORA_MAGNITUDE}.weight"):
-            key = key.removesuffix(".weight")
-        spelled[key] = tensor
-    return spelled
+    return {respelled_key(key): tensor for key, tensor in state_dict.items()}
+
+
+def respelled_key(key: str) -> str:
+    if key.startswith((*BFL_TOP_LEVEL, "final_layer.")) and ".processor." not in key:  # XLabs' keep theirs
+        key = f"diffusion_model.{key}"
+    return key.removesuffix(".weight") if key.endswith(f"{DORA_MAGNITUDE}.weight") else key
 
 
 def metadata_alphas(
@@ -301,16 +300,16 @@ def _kohya_to_bfl(flat: str) -> str | None:
 
 def standard_path_reason(path: Path) -> str | None:
     """Why a LoRA file cannot go into go_fast's slot, which holds LoRA pairs only; None if it can.
-    Reads the file's header only."""
+    Reads the file's header only, its keys spelled as read_lora spells them."""
     with safetensors.safe_open(str(path), framework="pt") as opened:
-        keys = [key for key in opened.keys() if not encoder_of(key)]  # noqa: SIM118
+        keys = [respelled_key(key) for key in opened.keys() if not encoder_of(key)]  # noqa: SIM118
     if any(key.endswith(BIAS_DELTA) for key in keys):
         return "bias deltas (.diff_b)"
     if any(key.endswith(WEIGHT_DELTA) for key in keys):
         return "full weight deltas (.diff)"
     if any(key.endswith(LOKR_PARTS) for key in keys):
         return "LyCORIS LoKr layers"
-    if any(key.endswith((DORA_MAGNITUDE, f"{DORA_MAGNITUDE}.weight", DORA_SCALE)) for key in keys):
+    if any(key.endswith((DORA_MAGNITUDE, DORA_SCALE)) for key in keys):
         return "DoRA magnitudes"
     return None
 
@@ -320,10 +319,16 @@ def standard_path_reason(path: Path) -> str | None:
 FLAT_DIFFUSERS_PREFIXES = ("lycoris_", "lora_transformer_")
 
 
-def _layer_targets(name: str, modules: dict[str, torch.nn.Module]) -> tuple[tuple[str, ...], bool]:
-    """The diffusers modules a transformer layer name stands for, in any naming this predictor reads, in the
-    order a fused BFL layer's outputs run; and whether its two halves swap (BFL's final layer gives
-    (shift, scale) where diffusers' norm_out wants (scale, shift)). No targets: no FLUX.1 layer."""
+def _flattened(module_names: Iterable[str]) -> dict[str, str]:
+    """Module names as the flattened layouts spell them (dots as underscores), to the names."""
+    return {name.replace(".", "_"): name for name in module_names}
+
+
+def _layer_targets(name: str, flat: dict[str, str]) -> tuple[tuple[str, ...], bool]:
+    """The diffusers modules a transformer layer name stands for, in any naming this predictor reads (`flat`:
+    the model's `_flattened` names), in the order a fused BFL layer's outputs run; and whether its two halves
+    swap (BFL's final layer gives (shift, scale) where diffusers' norm_out wants (scale, shift)). No targets:
+    no FLUX.1 layer."""
     bfl = None
     if name.startswith("diffusion_model."):
         bfl = name.removeprefix("diffusion_model.")
@@ -333,7 +338,6 @@ def _layer_targets(name: str, modules: dict[str, torch.nn.Module]) -> tuple[tupl
         return _bfl_targets(bfl) or (), bfl == "final_layer.adaLN_modulation.1"
     for prefix in FLAT_DIFFUSERS_PREFIXES:
         if name.startswith(prefix):
-            flat = {module.replace(".", "_"): module for module in modules}
             found = flat.get(name.removeprefix(prefix))
             return ((found,) if found else ()), False
     return (name.removeprefix("transformer."),), False
@@ -383,13 +387,14 @@ def transformer_deltas(
         suffix = next((s for s in (WEIGHT_DELTA, *LOKR_PARTS) if key.endswith(s)), None)
         if suffix and not encoder_of(key):
             grouped.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+    flat = _flattened(weighted)
     recomposed = recomposed_layers(state_dict)
     for layer in recomposed - grouped.keys():
         grouped[layer] = {}
     unmatched = []
     for layer, parts in grouped.items():
         whole, kind = _whole_update(state_dict, layer, parts, input_name)
-        targets, swap = _layer_targets(layer, weighted)
+        targets, swap = _layer_targets(layer, flat)
         layers = [weighted.get(target) for target in targets]
         if not targets or any(module is None for module in layers):
             unmatched.append(layer)
@@ -446,20 +451,18 @@ def _recomposed(
 ) -> Recomposed:
     """A DoRA recomposed into its diffusers modules' stacked weights; BFL's final layer swaps its halves."""
     out_features, in_features = shape
-    per_column = magnitude.ndim == 2 and magnitude.shape == (1, in_features)
-    if not per_column and magnitude.numel() != out_features:
+    if swap:
+        order = (slice(out_features // 2, out_features), slice(0, out_features // 2))
+        whole = Delta(whole.tensor, whole.factors, whole.op, order)
+        if magnitude.numel() == out_features:  # per output row: its rows swap too
+            magnitude = torch.cat([magnitude.reshape(-1)[row] for row in order])
+    recomposed = Recomposed.of(whole, magnitude, shape)
+    if recomposed is None:
         raise LoraFormatError(
             f"Invalid {input_name}: the DoRA magnitudes of {layer} have shape {tuple(magnitude.shape)}, neither one "
             f"per output ({out_features}) nor one per input ({in_features}) of this FLUX.1 layer."
         )
-    magnitude = magnitude.float().reshape(1, in_features) if per_column else magnitude.float().reshape(-1, 1)
-    if swap:
-        half = out_features // 2
-        order = (slice(half, out_features), slice(0, half))
-        whole = Delta(whole.tensor, whole.factors, whole.op, order)
-        if not per_column:
-            magnitude = torch.cat([magnitude[row] for row in order])
-    return Recomposed(update=whole, magnitude=magnitude, per_column=per_column)
+    return recomposed
 
 
 def dora_magnitudes(
@@ -490,12 +493,13 @@ def _per_output(
     """Vectors of one value per output feature (`suffix`), by the diffusers module each belongs to,
     split by rows over a fused BFL layer's parts (diffusers' converters drop these)."""
     modules = linear_layers(transformer)
+    flat = _flattened(modules)
     vectors: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, vector in state_dict.items():
         if not key.endswith(suffix) or encoder_of(key):
             continue
-        targets, swap = _layer_targets(key[: -len(suffix)], modules)
+        targets, swap = _layer_targets(key[: -len(suffix)], flat)
         layers = [modules.get(target) for target in targets]
         if not targets or not all(layer is not None and (layer.bias is not None or not bias) for layer in layers):
             unmatched.append(key)
@@ -526,7 +530,7 @@ def flattened_names_to_peft(
     and names an MLP or norm layer by its block, so those never applied; it does not know the second."""
     if not any(key.startswith(FLAT_DIFFUSERS_PREFIXES) for key in state_dict):
         return state_dict
-    layers = {name.replace(".", "_"): name for name in linear_layers(transformer)}
+    layers = _flattened(linear_layers(transformer))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     converted = {key: tensor for key, tensor in state_dict.items() if not key.startswith(FLAT_DIFFUSERS_PREFIXES)}
     for key, tensor in state_dict.items():
@@ -599,11 +603,19 @@ def _block_diagonal(up: torch.Tensor, widths: list[int]) -> bool:
 def check_lora_matches(
     pipeline: FluxPipeline, state_dict: dict[str, torch.Tensor], input_name: str
 ) -> dict[str, torch.Tensor]:
-    """Convert to diffusers' layout and check every LoRA pair against the transformer.
+    """What `match_lora` gives peft: the transformer's LoRA pairs, with their alphas."""
+    return match_lora(pipeline, state_dict, input_name)[0]
 
-    Returns what to load into the transformer: its part of the converted state dict, with its
-    alphas. The text encoders' tensors (lora_loading/text_encoders.py) and the bias deltas are
-    matched and checked too, but applied apart; a file may hold only those.
+
+def match_lora(
+    pipeline: FluxPipeline, state_dict: dict[str, torch.Tensor], input_name: str
+) -> tuple[dict[str, torch.Tensor], dict[tuple[str, ...], Change]]:
+    """Convert to diffusers' layout and check every tensor against the transformer.
+
+    Returns what to load into the transformer through peft (its part of the converted state dict, with
+    its alphas) and what to change in its parameters in place (`transformer_deltas`). The text encoders'
+    tensors (lora_loading/text_encoders.py) are matched and checked too, but applied apart; a file may
+    hold only those.
     """
     rest, text_encoder_part = split_text_encoder_keys(state_dict)
     encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
@@ -623,7 +635,7 @@ def check_lora_matches(
         and not any(key.endswith(part) and key.removesuffix(part) in merged for part in pair_parts)
     }
     if not rest and (text_encoder_part or deltas):
-        return {}
+        return {}, deltas
     rest = flattened_names_to_peft(rest, pipeline.transformer, input_name)
     rest = bfl_alphas_fixed(comfyui_peft_to_kohya(rest), pipeline.transformer)
     try:
@@ -695,7 +707,7 @@ def check_lora_matches(
     # Alphas go back in under their own keys: load_lora_weights reads them from there.
     layers = {key.rsplit(".lora_", 1)[0] for key in to_load}
     to_load.update({k: v for k, v in (alphas or {}).items() if k.rsplit(".alpha", 1)[0] in layers})
-    return to_load
+    return to_load, deltas
 
 
 def _first_keys(state_dict: dict[str, torch.Tensor], count: int = 3) -> str:

@@ -27,13 +27,7 @@ from diffusers import FluxPipeline
 from peft import LoraConfig
 
 from lora_loading.deltas import ParameterDeltas
-from lora_loading.formats import (
-    DORA_MAGNITUDE,
-    LoraFile,
-    check_lora_matches,
-    read_lora,
-    transformer_deltas,
-)
+from lora_loading.formats import DORA_MAGNITUDE, LoraFile, match_lora, read_lora
 
 log = logging.getLogger(__name__)
 SLOT = "slot"
@@ -114,11 +108,8 @@ class LoraSlots:
 
     def _factors(self, lora: LoraFile) -> Factors:
         if lora.key not in self.factors:
-            state_dict = read_lora(lora)
-            to_load = check_lora_matches(self.pipeline, state_dict, lora.input_name)
-            if transformer_deltas(state_dict, self.pipeline.transformer, lora.input_name) or any(
-                key.endswith(DORA_MAGNITUDE) for key in to_load
-            ):
+            to_load, changes = match_lora(self.pipeline, read_lora(lora), lora.input_name)
+            if changes or any(key.endswith(DORA_MAGNITUDE) for key in to_load):
                 # The engine sends these to the standard path (standard_path_reason): the slot holds pairs only.
                 raise RuntimeError(f"{lora.input_name}: in-place deltas or DoRA reached the go_fast LoRA slot")
             self.factors[lora.key] = lora_factors(to_load)

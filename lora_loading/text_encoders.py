@@ -210,12 +210,10 @@ def _encoder_layer(
     if "dora" not in parts:
         lora.deltas[(f"{module_name}.weight",)] = delta
         return
-    magnitude = parts["dora"].float()
-    per_column = magnitude.ndim == 2 and magnitude.shape == (1, weight.shape[1])
-    if not per_column and magnitude.numel() != weight.shape[0]:
+    recomposed = Recomposed.of(delta, parts["dora"], tuple(weight.shape))
+    if recomposed is None:
         raise LoraFormatError(f"Invalid {input_name}: the DoRA magnitudes of {where} fit neither its rows nor columns.")
-    magnitude = magnitude.reshape(1, -1) if per_column else magnitude.reshape(-1, 1)
-    lora.deltas[(f"{module_name}.weight",)] = Recomposed(update=delta, magnitude=magnitude, per_column=per_column)
+    lora.deltas[(f"{module_name}.weight",)] = recomposed
 
 
 def weighted_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
