@@ -13,6 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.report_guard import (  # noqa: F401 (hooks, registered by their names here)
+    pytest_assertrepr_compare,
+    pytest_configure,
+    pytest_runtest_makereport,
+)
 from tooling.cli import default_inputs
 from tooling.demo_model import DemoModelPaths, build_demo_models, demo_model_env
 

@@ -1,0 +1,160 @@
+"""Comparing images and loaded weights, with failures that report in milliseconds.
+
+Two kinds of comparison, kept apart on purpose:
+- *the same arithmetic* (same path, inputs and seed: scale 0 against the base, an unload against a
+  fresh server, A/B/A): the bytes must be equal on any machine. `assert_same_image`.
+- *two routes meant to agree* (a kohya file and its PEFT twin, a LoHa and its LoRA rewrite, a
+  fallback and the path it falls back to): they add the same numbers in another order, so the last
+  bit depends on the CPU's kernels and thread count. What they load must agree within a few ulps
+  (`loaded_weights` + `assert_same_weights`) and the images within a stated bound that sits far
+  below the effect under test (`assert_images_close`).
+
+A failure message gives sizes and pixel statistics, never a diff of the bytes: pytest's own
+explanation of `bytes == bytes` runs difflib over them, which takes minutes on two PNGs (see
+tests/conftest.py, `pytest_assertrepr_compare`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+
+# Routes that meet in different rounding may differ by one level in a few pixels; two levels is
+# the bound, far below what a LoRA under test moves (checked by `assert_images_close(base=...)`).
+ROUTE_TOLERANCE = 2  # of 255
+# A LoRA effect must be at least this many times the route tolerance to tell routes apart.
+EFFECT_MARGIN = 4
+# Effective weights from two routes: within this many float32 ulps of each module's largest value.
+WEIGHT_ULPS = 16
+
+
+def pixels(data: bytes) -> np.ndarray:
+    """The decoded image as int16 RGB(A), so differences do not wrap."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image).astype(np.int16)
+
+
+def describe_difference(actual: bytes, expected: bytes) -> str:
+    """One line on how two encoded images differ: sizes, and pixel statistics when both decode."""
+    head = f"{len(actual)} bytes against {len(expected)} expected"
+    try:
+        got, want = pixels(actual), pixels(expected)
+    except Exception as error:  # not images: the first differing offset is all there is to say
+        offset = next((i for i, (a, b) in enumerate(zip(actual, expected, strict=False)) if a != b), None)
+        return f"{head}; not both images ({type(error).__name__}); first differing byte at {offset}"
+    if got.shape != want.shape:
+        return f"{head}; images of shape {got.shape} against {want.shape}"
+    difference = np.abs(got - want)
+    return (
+        f"{head}; largest pixel difference {int(difference.max())}/255, "
+        f"{int((difference.max(axis=-1) > 0).sum())} of {difference.shape[0] * difference.shape[1]} pixels differ, "
+        f"mean {float(difference.mean()):.3f}/255"
+    )
+
+
+def assert_same_image(actual: bytes, expected: bytes, what: str = "image") -> None:
+    """Byte equality, for the same arithmetic."""
+    __tracebackhide__ = True
+    if actual != expected:
+        pytest.fail(f"{what} differs: {describe_difference(actual, expected)}")
+
+
+def assert_same_images(actual: Iterable[bytes], expected: Iterable[bytes], what: str = "image") -> None:
+    __tracebackhide__ = True
+    actual, expected = list(actual), list(expected)
+    if len(actual) != len(expected):
+        pytest.fail(f"{len(actual)} {what}s against {len(expected)} expected")
+    for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert_same_image(got, want, f"{what} {index}")
+
+
+def assert_images_differ(actual: bytes, expected: bytes, what: str = "image") -> None:
+    __tracebackhide__ = True
+    if actual == expected:
+        pytest.fail(f"{what} is byte for byte the one it should differ from ({len(actual)} bytes)")
+
+
+def assert_images_close(
+    actual: bytes,
+    expected: bytes,
+    base: bytes | None = None,
+    tolerance: int = ROUTE_TOLERANCE,
+    what: str = "image",
+) -> None:
+    """Within `tolerance`/255 in every pixel, for two routes to the same result. With `base` (the image
+    without the change under test), also that the change moves some pixel by EFFECT_MARGIN times the
+    tolerance or more, so the bound cannot hide it."""
+    __tracebackhide__ = True
+    got, want = pixels(actual), pixels(expected)
+    if got.shape != want.shape:
+        pytest.fail(f"{what}: shape {got.shape} against {want.shape}")
+    largest = int(np.abs(got - want).max())
+    if largest > tolerance:
+        pytest.fail(f"{what} beyond {tolerance}/255: {describe_difference(actual, expected)}")
+    if base is not None:
+        effect = int(np.abs(want - pixels(base)).max())
+        if effect < EFFECT_MARGIN * tolerance:
+            pytest.fail(
+                f"{what}: the change under test moves no pixel by more than {effect}/255, too close to the "
+                f"{tolerance}/255 route tolerance to tell the routes apart"
+            )
+
+
+def _top_level_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each Linear the model computes with, under its own name: a peft wrapper stands for its base layer."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in found):
+            continue  # inside a peft wrapper: its base layer and factors
+        if isinstance(module, LoraLayer | torch.nn.Linear):
+            found[name] = module
+    return found
+
+
+@torch.no_grad()
+def loaded_weights(*models: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What each layer of the models computes with, whatever holds the LoRA: for a Linear, peft-wrapped or
+    changed in place, its effective weight and bias, read by running it on the identity (y(I) - y(0) is Wᵀ,
+    y(0) the bias; DoRA and LoRA layers are linear in x too); every other parameter as it is."""
+    weights: dict[str, torch.Tensor] = {}
+    for index, model in enumerate(models):
+        linears = _top_level_linears(model)
+        for name, module in linears.items():
+            parameter = next(module.parameters())
+            in_features = getattr(module, "in_features", None) or module.base_layer.in_features
+            identity = torch.eye(in_features, dtype=parameter.dtype, device=parameter.device)
+            bias = module(torch.zeros_like(identity[:1]))
+            weights[f"{index}:{name}.weight"] = (module(identity) - bias).T.float().cpu()
+            weights[f"{index}:{name}.bias"] = bias[0].float().cpu()
+        for name, parameter in model.named_parameters():
+            if not any(name.startswith(f"{linear}.") for linear in linears):
+                weights[f"{index}:{name}"] = parameter.detach().float().cpu().clone()
+    return weights
+
+
+def assert_same_weights(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], ulps: int = WEIGHT_ULPS
+) -> None:
+    """Every layer within `ulps` float32 ulps of its largest value, and the same layers."""
+    __tracebackhide__ = True
+    if actual.keys() != expected.keys():
+        extra, missing = sorted(actual.keys() - expected.keys()), sorted(expected.keys() - actual.keys())
+        pytest.fail(f"other layers: {extra[:3]} not expected, {missing[:3]} missing")
+    eps = torch.finfo(torch.float32).eps
+    worst = []
+    for name, want in expected.items():
+        got = actual[name]
+        if got.shape != want.shape:
+            pytest.fail(f"{name}: shape {tuple(got.shape)} against {tuple(want.shape)}")
+        bound = ulps * eps * float(want.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+        error = float((got - want).abs().max()) if want.numel() else 0.0
+        if error > bound:
+            worst.append(f"{name}: {error:.3g} (bound {bound:.3g})")
+    if worst:
+        pytest.fail(f"{len(worst)} layers load differently: " + "; ".join(worst[:5]))
