@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,3 +159,10 @@ def assert_same_weights(
             worst.append(f"{name}: {error:.3g} (bound {bound:.3g})")
     if worst:
         pytest.fail(f"{len(worst)} layers load differently: " + "; ".join(worst[:5]))
+
+
+def predictor_weights(predictor: Any, model: str = "dev") -> dict[str, torch.Tensor]:
+    """`loaded_weights` of what a request on `model` computes with: its transformer and the two text
+    encoders, as the last request left them."""
+    pipeline = predictor.engine.models[model].text_to_image
+    return loaded_weights(pipeline.transformer, pipeline.text_encoder, pipeline.text_encoder_2)
