@@ -119,23 +119,23 @@ def _top_level_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def loaded_weights(*models: torch.nn.Module) -> dict[str, torch.Tensor]:
+def loaded_weights(models: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """What each layer of the models computes with, whatever holds the LoRA: for a Linear, peft-wrapped or
     changed in place, its effective weight and bias, read by running it on the identity (y(I) - y(0) is Wᵀ,
     y(0) the bias; DoRA and LoRA layers are linear in x too); every other parameter as it is."""
     weights: dict[str, torch.Tensor] = {}
-    for index, model in enumerate(models):
+    for prefix, model in models.items():
         linears = _top_level_linears(model)
         for name, module in linears.items():
             parameter = next(module.parameters())
             in_features = getattr(module, "in_features", None) or module.base_layer.in_features
             identity = torch.eye(in_features, dtype=parameter.dtype, device=parameter.device)
             bias = module(torch.zeros_like(identity[:1]))
-            weights[f"{index}:{name}.weight"] = (module(identity) - bias).T.float().cpu()
-            weights[f"{index}:{name}.bias"] = bias[0].float().cpu()
+            weights[f"{prefix}.{name}.weight"] = (module(identity) - bias).T.float().cpu()
+            weights[f"{prefix}.{name}.bias"] = bias[0].float().cpu()
         for name, parameter in model.named_parameters():
             if not any(name.startswith(f"{linear}.") for linear in linears):
-                weights[f"{index}:{name}"] = parameter.detach().float().cpu().clone()
+                weights[f"{prefix}.{name}"] = parameter.detach().float().cpu().clone()
     return weights
 
 
@@ -165,4 +165,4 @@ def predictor_weights(predictor: Any, model: str = "dev") -> dict[str, torch.Ten
     """`loaded_weights` of what a request on `model` computes with: its transformer and the two text
     encoders, as the last request left them."""
     pipeline = predictor.engine.models[model].text_to_image
-    return loaded_weights(pipeline.transformer, pipeline.text_encoder, pipeline.text_encoder_2)
+    return loaded_weights({name: getattr(pipeline, name) for name in ("transformer", "text_encoder", "text_encoder_2")})

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Two PNGs of noise that agree in their first rows and differ after: the compressed streams part
@@ -79,8 +81,15 @@ def test_deliberate_image_failures_are_reported_as_failures_in_seconds(tmp_path:
     assert "raised where no line is known" in output
 
 
-def test_without_the_guard_a_line_less_frame_crashes_pytest(tmp_path: Path) -> None:
-    """The crash the guard exists for, kept so that a pytest that fixes it shows up here. Only the third
-    deliberate test is run: without the guard the first two would diff bytes for minutes."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="pytest 9.2.0 alone: a traceback entry without a line number stops the whole run with INTERNALERROR "
+    "(TypeError at `tb_lineno - 1`); tests/report_guard.py gives such entries a line",
+)
+def test_pytest_alone_reports_a_frame_without_a_line_number(tmp_path: Path) -> None:
+    """Kept as a strict xfail, so that a pytest that fixes it shows up here. Only the third deliberate test
+    is run: without the guard the first two would diff bytes for minutes."""
     result, _ = run_pytest(tmp_path, "-k", "frame_without")
-    assert "INTERNALERROR" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "INTERNALERROR" not in output
+    assert output.strip().splitlines()[-1].startswith("1 failed")
