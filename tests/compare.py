@@ -2,16 +2,18 @@
 
 Two kinds of comparison, kept apart on purpose:
 - *the same arithmetic* (same path, inputs and seed: scale 0 against the base, an unload against a
-  fresh server, A/B/A): the bytes must be equal on any machine. `assert_same_image`.
-- *two routes meant to agree* (a kohya file and its PEFT twin, a LoHa and its LoRA rewrite, a
-  fallback and the path it falls back to): they add the same numbers in another order, so the last
-  bit depends on the CPU's kernels and thread count. What they load must agree within a few ulps
-  (`loaded_weights` + `assert_same_weights`) and the images within a stated bound that sits far
-  below the effect under test (`assert_images_close`).
+  fresh server, A/B/A, a go_fast request that runs the standard path itself, weights that load bit for
+  bit alike): the bytes must be equal on any machine. `assert_same_image`.
+- *two routes meant to agree* (a kohya, ComfyUI, XLabs or OneTrainer file and its PEFT twin, an alpha
+  and a pre-scaled factor): they add the same numbers in another order (a delta merged into the weight
+  against peft's separate matmuls, a scale folded into another factor), so the last bit depends on the
+  CPU's kernels and thread count. What they load must agree within a few ulps (`loaded_weights` +
+  `assert_same_weights`) and the images within a stated bound that sits far below the effect under
+  test (`assert_images_close`).
 
 A failure message gives sizes and pixel statistics, never a diff of the bytes: pytest's own
-explanation of `bytes == bytes` runs difflib over them, which takes minutes on two PNGs (see
-tests/conftest.py, `pytest_assertrepr_compare`).
+explanation of `bytes == bytes` runs difflib over them, which takes minutes on two PNGs
+(tests/report_guard.py answers for bare asserts the same way).
 """
 
 from __future__ import annotations
