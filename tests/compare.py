@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 # Routes that meet in different rounding may differ by one level in a few pixels; two levels is
@@ -109,35 +108,45 @@ def assert_images_close(
             )
 
 
-def _top_level_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Each Linear the model computes with, under its own name: a peft wrapper stands for its base layer."""
-    found: dict[str, torch.nn.Module] = {}
+def linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each Linear layer by name; under a loaded LoRA, peft's wrapper (whose output carries it)."""
+    found = {}
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in found):
-            continue  # inside a peft wrapper: its base layer and factors
-        if isinstance(module, LoraLayer | torch.nn.Linear):
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"):
             found[name] = module
     return found
 
 
 @torch.no_grad()
+def effective(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """What each Linear layer computes, as (weight, bias), whatever holds the LoRA (peft's LoRA and DoRA
+    layers, or the weight changed in place): its output on the identity and on zero, as layers linear in x."""
+    computed = {}
+    for name, layer in linears(model).items():
+        in_features = getattr(layer, "base_layer", layer).in_features
+        zero = layer(torch.zeros(1, in_features))[0]
+        weight = (layer(torch.eye(in_features)) - zero).T
+        computed[name] = (weight, zero if getattr(layer, "base_layer", layer).bias is not None else None)
+    return computed
+
+
 def loaded_weights(models: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """What each layer of the models computes with, whatever holds the LoRA: for a Linear, peft-wrapped or
-    changed in place, its effective weight and bias, read by running it on the identity (y(I) - y(0) is Wᵀ,
-    y(0) the bias; DoRA and LoRA layers are linear in x too); every other parameter as it is."""
+    """What the models compute with, by name: each Linear's `effective` weight and bias, and every other
+    parameter as it is."""
     weights: dict[str, torch.Tensor] = {}
     for prefix, model in models.items():
-        linears = _top_level_linears(model)
-        for name, module in linears.items():
-            parameter = next(module.parameters())
-            in_features = getattr(module, "in_features", None) or module.base_layer.in_features
-            identity = torch.eye(in_features, dtype=parameter.dtype, device=parameter.device)
-            bias = module(torch.zeros_like(identity[:1]))
-            weights[f"{prefix}.{name}.weight"] = (module(identity) - bias).T.float().cpu()
-            weights[f"{prefix}.{name}.bias"] = bias[0].float().cpu()
-        for name, parameter in model.named_parameters():
-            if not any(name.startswith(f"{linear}.") for linear in linears):
-                weights[f"{prefix}.{name}"] = parameter.detach().float().cpu().clone()
+        layers = effective(model)
+        for name, (weight, bias) in layers.items():
+            weights[f"{prefix}.{name}.weight"] = weight
+            if bias is not None:
+                weights[f"{prefix}.{name}.bias"] = bias
+        inside_a_linear = tuple(f"{name}." for name in layers)
+        for module_name, module in model.named_modules():
+            if module_name in layers or module_name.startswith(inside_a_linear):
+                continue
+            for name, parameter in module.named_parameters(recurse=False):
+                weights[".".join(filter(None, (prefix, module_name, name)))] = parameter.detach().clone()
     return weights
 
 

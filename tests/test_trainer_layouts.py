@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.compare import effective, linears
 from tests.conftest import fast
 from tests.test_lora_coverage import flux  # noqa: F401  (the meta-device FLUX.1 dev fixture)
 from tests.test_lora_formats import data_uri_of
@@ -93,28 +94,6 @@ def bfl_layers(double: bool = True, single: bool = True, inputs: bool = False, f
 
 def transformer_of(predictor: Any) -> torch.nn.Module:
     return predictor.engine.models["dev"].text_to_image.transformer
-
-
-def linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Each Linear layer by name; under a loaded LoRA, peft's wrapper (whose output carries it)."""
-    found = {}
-    for name, module in model.named_modules():
-        base = getattr(module, "base_layer", module)
-        if isinstance(base, torch.nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"):
-            found[name] = module
-    return found
-
-
-@torch.no_grad()
-def effective(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """What each Linear layer computes, as (weight, bias): its output on the identity and on zero."""
-    computed = {}
-    for name, layer in linears(model).items():
-        in_features = getattr(layer, "base_layer", layer).in_features
-        zero = layer(torch.zeros(1, in_features))[0]
-        weight = (layer(torch.eye(in_features)) - zero).T
-        computed[name] = (weight, zero if getattr(layer, "base_layer", layer).bias is not None else None)
-    return computed
 
 
 def random_pair(out_features: int, in_features: int, generator: torch.Generator, rank: int = RANK) -> Pair:
