@@ -111,10 +111,10 @@ def each_file_read_once() -> Iterator[None]:
 
 
 def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """Only safetensors are ever deserialised: a pickle can run code on load. Spellings are made the one
-    the rest reads (`respelled`, `_peft_save`), an alpha kept only in the file's metadata or a peft save's
-    adapter_config.json is folded into the tensors (`metadata_alphas`), and LyCORIS LoHa layers become
-    exact LoRA pairs (lora_loading/lycoris.py)."""
+    """Only safetensors are ever deserialised: a pickle can run code on load. Spellings are made the ones
+    the rest reads (`respelled`, `_peft_save`), the alpha of a pair in diffusers' names, whether a tensor, the
+    file's metadata or a peft save's adapter_config.json holds it, is folded into its lora_A (`metadata_alphas`,
+    `peft_alphas_folded`), and LyCORIS LoHa layers become exact LoRA pairs (lora_loading/lycoris.py)."""
     reads = _READS.get()
     if reads is not None and lora.path in reads:
         return reads[lora.path]
@@ -126,12 +126,19 @@ def read_lora(lora: LoraFile) -> dict[str, torch.Tensor]:
         raise LoraFormatError(
             f"Invalid {lora.input_name}: the file is not a readable .safetensors file ({error})."
         ) from error
-    if any(key.startswith(PEFT_PREFIX) for key in state_dict):
+    if any(key.startswith(PEFT_PREFIX) and not _is_bfl(key.removeprefix(PEFT_PREFIX)) for key in state_dict):
         state_dict, metadata = _peft_save(state_dict, metadata, lora)
-    state_dict = loha_to_lora(metadata_alphas(respelled(state_dict), metadata, lora.input_name), lora.input_name)
+    state_dict = loha_to_lora(spelled_as_read(state_dict, metadata, lora.input_name), lora.input_name)
     if reads is not None:
         reads[lora.path] = state_dict
     return state_dict
+
+
+def spelled_as_read(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], input_name: str
+) -> dict[str, torch.Tensor]:
+    """A file's tensors in the spellings the rest reads, the alphas of its pairs in diffusers' names folded in."""
+    return peft_alphas_folded(metadata_alphas(respelled(state_dict), metadata, input_name))
 
 
 PEFT_PREFIX = "base_model.model."  # peft's own save_pretrained of a PeftModel around the transformer
@@ -163,28 +170,106 @@ def _peft_save(
             return renamed, metadata
     if metadata.get(LORA_ADAPTER_METADATA_KEY) or any(key.endswith(".alpha") for key in state_dict):
         return renamed, metadata
+    # Loading it at scale 1 would be a guess: peft's default lora_alpha is 8, whatever the rank.
     raise LoraFormatError(
-        f"Invalid {lora.input_name}: this is a file saved by peft's save_pretrained (base_model.model. keys), whose "
-        "alpha is kept in the adapter_config.json beside it; give the Hugging Face repository, or a .zip or .tar "
-        "holding both files."
+        f"Invalid {lora.input_name}: its keys are diffusers module names under base_model.model., as peft's "
+        "save_pretrained writes them, and such a file's alpha is kept in the adapter_config.json beside it, which "
+        "did not come with it; give the Hugging Face repository, or a .zip or .tar holding both files."
     )
 
 
 # BFL's top-level module names: OneTrainer's ORIGINAL format writes them bare, ComfyUI under `diffusion_model.`.
 BFL_TOP_LEVEL = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
+# diffusers' top-level module names in FluxTransformer2DModel; no BFL name starts with one of them.
+DIFFUSERS_TOP_LEVEL = (
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "x_embedder.",
+    "context_embedder.",
+    "time_text_embed.",
+    "norm_out.",
+    "proj_out.",
+)
+# Peft's pair in the spellings of diffusers-named files that diffusers' Flux loader does not read whole:
+# SimpleTuner's checkpoints (`convert_state_dict_to_diffusers` renames only to_q/to_k/to_v/to_out.0's pairs to
+# `.lora.down`/`.lora.up`, so one file mixes both spellings, and diffusers converts it only when the first key
+# happens to be one of those) and OneTrainer's INTERNAL format since its 2026-07 rework (kohya's suffixes on
+# diffusers' names, which diffusers loads ignoring their `.alpha`).
+PEFT_RESPELLED_SUFFIXES = {
+    ".lora.down.weight": ".lora_A.weight",
+    ".lora.up.weight": ".lora_B.weight",
+    ".lora_down.weight": ".lora_A.weight",
+    ".lora_up.weight": ".lora_B.weight",
+}
+# OneTrainer's OMI layout (its INTERNAL backups 2025-04 to 2026-07, and SAFETENSORS output with the OMI switch;
+# InvokeAI reads it): `transformer.` + BFL names, where each fused layer is trained as its parts, numbered in
+# the order of BFL_DOUBLE/BFL_SINGLE's targets (`img_attn.qkv.0` is to_q, `linear1.3` proj_mlp), and the
+# image input is named `img_in.proj`. Read in OneTrainer's modules/util/convert/lora/convert_flux_lora.py,
+# whose key sets InvokeAI vendors; its lora_up of `final_layer.adaLN_modulation.1` is in BFL's (shift, scale)
+# order, and only that tensor (its `swap_chunks`).
+OMI_PREFIX = "transformer."
+OMI_OWN_NAMES = {"img_in.proj": "x_embedder"}
+OMI_SWAPPED = "final_layer.adaLN_modulation.1"
+
+
+def _is_bfl(name: str) -> bool:
+    return name.startswith((*BFL_TOP_LEVEL, "final_layer."))
 
 
 def respelled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Spellings of layouts this predictor reads, in the one the rest expects:
-    - bare BFL names (OneTrainer's ORIGINAL format) get ComfyUI's `diffusion_model.`;
-    - `.lora_magnitude_vector.weight` (OneTrainer's DIFFUSERS format) is peft's `.lora_magnitude_vector`."""
-    return {respelled_key(key): tensor for key, tensor in state_dict.items()}
+    """Spellings of layouts this predictor reads, in the ones the rest expects (`respelled_key`); and the one
+    tensor the OMI layout keeps in BFL's order, put in diffusers'."""
+    spelled = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(f"{OMI_PREFIX}{OMI_SWAPPED}.") and key.endswith(".lora_up.weight"):
+            tensor = torch.cat(tensor.chunk(2)[::-1])
+        spelled[respelled_key(key)] = tensor
+    return spelled
 
 
 def respelled_key(key: str) -> str:
-    if key.startswith((*BFL_TOP_LEVEL, "final_layer.")) and ".processor." not in key:  # XLabs' keep theirs
+    """One key in the spelling the rest reads:
+    - bare BFL names (OneTrainer's ORIGINAL format) get ComfyUI's `diffusion_model.`, and so do BFL names
+      under peft's `base_model.model.` (fal's FLUX Kontext trainer, without alphas: diffusers' own reader of
+      those needs all 57 blocks), for diffusers' kohya converter;
+    - diffusers names under `diffusion_model.` (SimpleTuner's ComfyUI export, v3.1.6 to v3.2.3) get
+      `transformer.`;
+    - OMI names (above) become the diffusers modules they train;
+    - peft's pair under diffusers names is spelled lora_A/lora_B (`PEFT_RESPELLED_SUFFIXES`);
+    - `.lora_magnitude_vector.weight` (OneTrainer's DIFFUSERS format) is peft's `.lora_magnitude_vector`."""
+    if _is_bfl(key) and ".processor." not in key:  # XLabs' keep theirs
         key = f"diffusion_model.{key}"
+    elif key.startswith(PEFT_PREFIX) and _is_bfl(key.removeprefix(PEFT_PREFIX)):
+        key = f"diffusion_model.{key.removeprefix(PEFT_PREFIX)}"
+    elif key.startswith("diffusion_model.") and key.removeprefix("diffusion_model.").startswith(DIFFUSERS_TOP_LEVEL):
+        key = f"transformer.{key.removeprefix('diffusion_model.')}"
+    elif key.startswith(OMI_PREFIX) and _is_bfl(key.removeprefix(OMI_PREFIX)):
+        key = _omi_to_diffusers(key.removeprefix(OMI_PREFIX))
+    if key.startswith("transformer."):
+        suffix = next((s for s in PEFT_RESPELLED_SUFFIXES if key.endswith(s)), None)
+        if suffix:
+            key = key.removesuffix(suffix) + PEFT_RESPELLED_SUFFIXES[suffix]
     return key.removesuffix(".weight") if key.endswith(f"{DORA_MAGNITUDE}.weight") else key
+
+
+def _omi_to_diffusers(key: str) -> str:
+    """An OMI key (without `transformer.`) under the diffusers module it trains; a name that is no FLUX.1
+    layer keeps its own, so the error names it."""
+    name, suffix = _split_suffix(key)
+    part = None
+    whole, _, last = name.rpartition(".")
+    if last.isdigit() and whole.endswith((".img_attn.qkv", ".txt_attn.qkv", ".linear1")):
+        name, part = whole, int(last)
+    targets = (OMI_OWN_NAMES[name],) if name in OMI_OWN_NAMES else _bfl_targets(name)
+    if not targets or (part is None) != (len(targets) == 1) or (part is not None and part >= len(targets)):
+        return f"{OMI_PREFIX}{key}"
+    return f"transformer.{targets[part or 0]}{suffix}"
+
+
+def _split_suffix(key: str) -> tuple[str, str]:
+    """(module name, tensor suffix) of a key ending in one of the tensor kinds files hold."""
+    suffix = max((s for s in PLAIN_SUFFIXES if key.endswith(s)), key=len, default="")
+    return key[: len(key) - len(suffix)], suffix
 
 
 def metadata_alphas(
@@ -201,6 +286,12 @@ def metadata_alphas(
         config = json.loads(raw)
     except ValueError:
         raise LoraFormatError(f"Invalid {input_name}: its lora_adapter_metadata is not JSON.") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"Invalid {input_name}: its lora_adapter_metadata is not a JSON object.")
+    if "lora_alpha" in config:
+        # SimpleTuner's ComfyUI export writes the transformer's peft config as it is, without the component
+        # prefix diffusers' saves give each key (its `comfyui_save_function`, when the config is JSON-able).
+        config = {f"transformer.{key}": value for key, value in config.items()}
     scaled = dict(state_dict)
     for component in ("transformer", "text_encoder", "text_encoder_2", "unet"):
         alpha = config.get(f"{component}.lora_alpha")
@@ -227,6 +318,22 @@ def metadata_alphas(
     return scaled
 
 
+def peft_alphas_folded(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `.alpha` tensor of a pair in diffusers' names folded into its lora_A (A x alpha / rank), as
+    `metadata_alphas` folds the header's. diffusers would hand these to peft as network alphas, and where only
+    some layers have one (SimpleTuner's ComfyUI export gives only the pairs it respelled from `.lora.down` an
+    alpha) its `get_peft_kwargs` gives every other layer the most common alpha instead of its rank."""
+    folded = dict(state_dict)
+    for key, alpha in state_dict.items():
+        if not (key.startswith("transformer.") and key.endswith(".alpha")):
+            continue
+        down = state_dict.get(f"{key.removesuffix('.alpha')}.lora_A.weight")
+        if down is not None:
+            folded[f"{key.removesuffix('.alpha')}.lora_A.weight"] = down.float() * (float(alpha) / down.shape[0])
+            del folded[key]
+    return folded
+
+
 def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` (ComfyUI saves of PEFT
     LoRAs) -> `...lora_down.weight`, which diffusers' kohya converter handles. Only for
@@ -247,6 +354,7 @@ def comfyui_peft_to_kohya(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 # them is refused rather than applied in part.
 UNSUPPORTED_KINDS = {
     ".lora_mid.": "LoCon convolution weights (lora_mid)",
+    "bundle_emb.": "OneTrainer's bundled textual-inversion embeddings (bundle_emb)",
 }
 PLAIN_SUFFIXES = (
     *LORA_WEIGHT_SUFFIXES,

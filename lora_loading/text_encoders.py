@@ -13,9 +13,10 @@ So the encoders' LoRAs are read here, in every layout trainers write, and applie
 whatever model it asks for.
 
 Layouts, per encoder (kohya names are flattened module paths, the others dotted):
-- CLIP-L: kohya `lora_te1_` / `lora_te_`, diffusers `text_encoder.`, ComfyUI `text_encoders.clip_l.transformer.`;
+- CLIP-L: kohya `lora_te1_` / `lora_te_`, diffusers `text_encoder.`, ComfyUI `text_encoders.clip_l.transformer.`,
+  OneTrainer's OMI layout `clip_l.`;
 - T5-XXL: kohya `lora_te3_`, OneTrainer `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
-  `text_encoders.t5xxl.transformer.`.
+  `text_encoders.t5xxl.transformer.`, OneTrainer's OMI layout `t5.`.
 Tensors `.lora_down.weight`/`.lora_A.weight` (A), `.lora_up.weight`/`.lora_B.weight` (B), `.alpha`,
 `.diff_b` and `.diff` (bias and weight deltas: ComfyUI's extract writes the norms' weights so), LyCORIS
 LoKr factors and DoRA magnitudes (`.dora_scale`, `.lora_magnitude_vector`). A LoRA pair on a layer that is
@@ -50,7 +51,7 @@ CLIP = Encoder(
     "text_encoder",
     "CLIP-L text encoder",
     ("lora_te1_", "lora_te_"),
-    ("text_encoder.", "text_encoders.clip_l.transformer."),
+    ("text_encoder.", "text_encoders.clip_l.transformer.", "clip_l."),
     legacy_prefix="text_model.",
     # ComfyUI's CLIP-L has it, and its extract writes a LoRA for it; FLUX.1 takes CLIP's pooled output
     # before any projection (transformers' CLIPTextModel, as ComfyUI's FLUX.1 text encoder also does).
@@ -60,7 +61,7 @@ T5 = Encoder(
     "text_encoder_2",
     "T5-XXL text encoder",
     ("lora_te3_", "lora_te2_"),
-    ("text_encoder_2.", "text_encoders.t5xxl.transformer."),
+    ("text_encoder_2.", "text_encoders.t5xxl.transformer.", "t5."),
 )
 ENCODERS = (CLIP, T5)
 PARTS = {

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors
 import torch
 
 from tests.compare import effective, linears
@@ -363,34 +364,176 @@ def test_comfyui_extract_node(predictor: Any, tmp_path: Path) -> None:
 
 # SimpleTuner ----------------------------------------------------------------------------------------
 
+ATTENTION_PROJECTIONS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 
-def test_simpletuner_comfyui_export(predictor: Any, tmp_path: Path) -> None:
-    """FLUX keeps its `transformer.` names; each module gets a float32 `.alpha`, and diffusers' adapter
-    metadata stays in the header (the tensors win where both are given)."""
+
+def simpletuner_checkpoint(pairs: dict[str, Pair]) -> dict[str, torch.Tensor]:
+    """What SimpleTuner's save hook hands diffusers' save_lora_weights: peft's state dict through diffusers'
+    `convert_state_dict_to_diffusers(..., StateDictType.PEFT)`, which renames the attention projections'
+    pairs only (`.lora.down`/`.lora.up`); save_lora_weights then prefixes `transformer.`."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    peft_names = {}
+    for name, (down, up) in pairs.items():
+        peft_names |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+    return convert_state_dict_to_diffusers(peft_names, original_type=StateDictType.PEFT)
+
+
+def simpletuner_adapter_config(json_able: bool) -> dict:
+    """`_collate_lora_metadata`: the trained adapter's peft config as it is. With target_modules a list, peft
+    holds a set, which SimpleTuner's ComfyUI save cannot write as JSON (it then writes no config); a regex
+    string can be."""
+    from peft import LoraConfig
+
+    # Every Linear of the blocks, as SimpleTuner's "all" target list for FLUX names them (or the same as a regex).
+    names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    names += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear"]
+    names += ["norm1_context.linear", "norm.linear", "proj_mlp", "proj_out"]
+    targets = rf".*\.({'|'.join(re.escape(name) for name in names)})" if json_able else names
+    return LoraConfig(r=RANK, lora_alpha=2.0 * RANK, target_modules=targets).to_dict()
+
+
+def simpletuner_comfyui(mixed: dict[str, torch.Tensor], config: dict, prefix: str) -> tuple[dict, dict[str, str]]:
+    """SimpleTuner's ComfyUI export (`simpletuner/helpers/training/lora_format.py`, `convert_diffusers_to_comfyui`
+    and common.py's `comfyui_save_function`, v3.1.6 to v3.3): the component prefix becomes `diffusion_model.`
+    (v3.3.0 on keeps FLUX's `transformer.`), `.lora.down`/`.lora.up` become lora_A/lora_B and only those
+    layers get a float32 `.alpha` (the config's lora_alpha), appended after the tensors; the config goes to
+    the header unprefixed, indented and sorted, when json.dumps can write it."""
     import json
 
+    state_dict, alphas = {}, {}
+    for key, tensor in mixed.items():
+        key = f"{prefix}{key}"
+        if ".lora.down." in key:
+            key = key.replace(".lora.down.", ".lora_A.")
+            alphas[f"{key.rsplit('.lora_A.', 1)[0]}.alpha"] = torch.tensor(config["lora_alpha"], dtype=torch.float32)
+        key = key.replace(".lora.up.", ".lora_B.")
+        state_dict[key] = tensor
+    metadata = {"format": "pt"}
+    try:
+        metadata["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
+    except TypeError:
+        pass
+    return state_dict | alphas, metadata
+
+
+def saved(state_dict: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> str:
     import safetensors.torch
 
     from tests.conftest import data_uri
 
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata=metadata)
+    return data_uri(path)
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "transformer."], ids=["v3.1.6-v3.2.3", "v3.3.0-on"])
+@pytest.mark.parametrize("json_able", [True, False], ids=["config-in-header", "no-config"])
+def test_simpletuner_comfyui_export(predictor: Any, tmp_path: Path, prefix: str, json_able: bool) -> None:
+    """lora_alpha 2 x rank. The attention projections carry it as `.alpha`; the other layers only in the
+    header's config, and where the config could not be written the file says scale 1 for them (as ComfyUI,
+    which the export is for, reads it: a pair without alpha)."""
     pairs, expected = split_file(predictor, seed=11)
-    state_dict = {}
-    for name, (down, up) in pairs.items():
-        state_dict[f"transformer.{name}.lora_A.weight"] = down
-        state_dict[f"transformer.{name}.lora_B.weight"] = up
-        state_dict[f"transformer.{name}.alpha"] = torch.tensor(2.0 * RANK, dtype=torch.float32)
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": RANK, "lora_alpha": 2.0 * RANK})}
-    path = tmp_path / "simpletuner-comfyui.safetensors"
-    safetensors.torch.save_file(state_dict, str(path), metadata=metadata)
-    expected = {name: 2.0 * update for name, update in expected.items()}
+    config = simpletuner_adapter_config(json_able)
+    state_dict, metadata = simpletuner_comfyui(simpletuner_checkpoint(pairs), config, prefix)
+    assert ("lora_adapter_metadata" in metadata) == json_able
+    assert any(key.startswith(f"{prefix}single_transformer_blocks.0.attn.to_k.lora_A") for key in state_dict)
+    with_alpha = {key.removeprefix(prefix).removesuffix(".alpha") for key in state_dict if key.endswith(".alpha")}
+    assert with_alpha == {name for name in pairs if name.endswith(ATTENTION_PROJECTIONS)}  # 7 of 20
+    scales = {name: 2.0 if name in with_alpha or json_able else 1.0 for name in pairs}
+    check_saved(predictor, saved(state_dict, metadata, tmp_path / "comfyui.safetensors"), expected, scales)
+
+
+def check_saved(
+    predictor: Any, source: str, updates: dict[str, torch.Tensor], scales: dict[str, float], lora_scale: float = 0.5
+) -> None:
+    """check_applies for a file written with its header: each layer gets lora_scale x its scale x its update."""
     transformer = transformer_of(predictor)
     base_image = fast(predictor, prompt="a cat", output_format="png")[0]
     base = effective(transformer)
-    fast(predictor, prompt="a cat", replicate_weights=data_uri(path), lora_scale=0.5)
+    fast(predictor, prompt="a cat", replicate_weights=source, lora_scale=lora_scale)
     for name, (weight, _) in effective(transformer).items():
-        want = base[name][0] + 0.5 * expected[name] if name in expected else base[name][0]
-        torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=name)
+        want = base[name][0] + lora_scale * scales[name] * updates[name] if name in updates else base[name][0]
+        torch.testing.assert_close(weight, want, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+
+
+def simpletuner_saved_checkpoint(pairs: dict[str, Pair], folder: Path) -> Path:
+    """An intermediate checkpoint as SimpleTuner writes it: diffusers' FluxPipeline.save_lora_weights with the
+    mixed names and the adapter's config (diffusers writes it to the header, prefixed `transformer.`)."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=simpletuner_checkpoint(pairs),
+        transformer_lora_adapter_metadata=simpletuner_adapter_config(json_able=False),
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("blocks", ["all", "double"])
+def test_simpletuner_checkpoint_mixes_two_spellings(predictor: Any, tmp_path: Path, blocks: str) -> None:
+    """Read in sorted order, a file with a single block starts with `...single_transformer_blocks.0.attn.to_k.
+    lora.down.weight` (which diffusers converts whole); one of double blocks only with `...attn.add_k_proj.
+    lora_A.weight` (after which diffusers drops every `.lora.down` pair). Both load whole, alpha 2 x rank."""
+    from tests.conftest import data_uri
+
+    pairs, expected = split_file(predictor, seed=21)
+    if blocks == "double":
+        pairs = {name: pair for name, pair in pairs.items() if name.startswith("transformer_blocks.")}
+    path = simpletuner_saved_checkpoint(pairs, tmp_path / "checkpoint")
+    with safetensors.safe_open(str(path), framework="pt") as opened:
+        first = sorted(opened.keys())[0]  # noqa: SIM118
+    assert first.endswith(".lora.down.weight" if blocks == "all" else ".lora_A.weight")
+    check_saved(predictor, data_uri(path), {name: expected[name] for name in pairs}, dict.fromkeys(pairs, 2.0))
+
+
+def test_simpletuner_checkpoint_loads_whatever_its_key_order(predictor: Any) -> None:
+    """diffusers decides on the first key; what is read here must not depend on the order at all."""
+    import random
+
+    from lora_loading.formats import match_lora, spelled_as_read
+
+    pairs, _ = split_file(predictor, seed=22)
+    mixed = {f"transformer.{key}": tensor for key, tensor in simpletuner_checkpoint(pairs).items()}
+    pipeline = predictor.engine.models["dev"].text_to_image
+    fast(predictor, prompt="a cat")  # nothing loaded
+    reference, _ = match_lora(pipeline, spelled_as_read(mixed, {}, "replicate_weights"), "replicate_weights")
+    assert len(reference) == 2 * len(pairs)
+    shuffler = random.Random(5)
+    for _ in range(8):
+        keys = list(mixed)
+        shuffler.shuffle(keys)
+        shuffled = {key: mixed[key] for key in keys}
+        loaded, _ = match_lora(pipeline, spelled_as_read(shuffled, {}, "replicate_weights"), "replicate_weights")
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[key], reference[key]) for key in reference)
+
+
+def test_simpletuner_checkpoint_loads_as_diffusers_loads_it_when_diffusers_can(predictor: Any, tmp_path: Path) -> None:
+    """The real reader: where the first key lets diffusers convert the file, its own loading (the header's
+    alpha through peft's scaling) and ours (alpha folded into A) load the same weights."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    from tests.compare import assert_same_weights, loaded_weights
+    from tests.conftest import data_uri
+
+    pairs, _ = split_file(predictor, seed=23)
+    path = simpletuner_saved_checkpoint(pairs, tmp_path / "checkpoint")
+    fast(predictor, prompt="a cat")  # nothing loaded: plain modules to copy
+    reference = copy.deepcopy(transformer_of(predictor))
+    base = loaded_weights({"t": reference})
+    state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
+        str(path), return_alphas=True, return_lora_metadata=True
+    )
+    FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=reference, metadata=metadata)
+    fast(predictor, prompt="a cat", replicate_weights=data_uri(path), lora_scale=1.0)
+    ours, theirs = loaded_weights({"t": transformer_of(predictor)}), loaded_weights({"t": reference})
+    assert_same_weights(ours, theirs)
+    changed = {name for name in base if not torch.equal(base[name], theirs[name])}
+    assert changed == {f"t.{name}.weight" for name in pairs}
 
 
 # OneTrainer -----------------------------------------------------------------------------------------
@@ -644,8 +787,8 @@ def test_peft_save_pretrained_without_its_config_is_refused(predictor: Any, peft
     with pytest.raises(InputError) as caught:
         fast(predictor, prompt="a cat", replicate_weights=data_uri(folder / "adapter_model.safetensors"))
     assert str(caught.value) == (
-        "Invalid replicate_weights: this is a file saved by peft's save_pretrained (base_model.model. keys), whose "
-        "alpha is kept in the adapter_config.json beside it; give the Hugging Face repository, or a .zip or .tar "
-        "holding both files."
+        "Invalid replicate_weights: its keys are diffusers module names under base_model.model., as peft's "
+        "save_pretrained writes them, and such a file's alpha is kept in the adapter_config.json beside it, which "
+        "did not come with it; give the Hugging Face repository, or a .zip or .tar holding both files."
     )
     assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
