@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from errors import LoraFormatError
-from lora_loading.formats import check_lora_matches
+from lora_loading.formats import check_lora_matches, spelled_as_read
 from lora_loading.text_encoders import text_encoder_loras
 
 # Not a multiple of 3 or 4: for those, diffusers' converter reads the values of a qkv or linear1 pair
@@ -146,6 +146,98 @@ def mixture(flux: Any) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+ATTENTION_PROJECTIONS = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0")
+
+
+def simpletuner(flux: Any, prefix: str, comfyui: bool) -> dict[str, torch.Tensor]:
+    """SimpleTuner's saves: the attention projections' pairs as `.lora.down`/`.lora.up` in its checkpoints,
+    lora_A/lora_B with a float32 `.alpha` in its ComfyUI export; every other pair lora_A/lora_B, no alpha."""
+    state_dict = {}
+    for key, tensor in peft(flux, prefix=prefix).items():
+        module = key.rsplit(".lora_", 1)[0]
+        if module.endswith(ATTENTION_PROJECTIONS):
+            if comfyui:
+                state_dict[f"{module}.alpha"] = torch.tensor(float(RANK), dtype=torch.float32)
+            else:
+                key = key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        state_dict[key] = tensor
+    return state_dict
+
+
+# OneTrainer's OMI layout: `transformer.` + BFL names, each fused layer's parts trained apart and numbered
+# (modules/util/convert/lora/convert_flux_lora.py, 2025-04 to 2026-07; InvokeAI vendors the same key sets):
+# OMI name -> the diffusers module it trains, per block and outside them. Written out here rather than
+# taken from lora_loading, so the mapping under test is not also the expectation.
+OMI_DOUBLE = {
+    "img_attn.qkv.0": "attn.to_q",
+    "img_attn.qkv.1": "attn.to_k",
+    "img_attn.qkv.2": "attn.to_v",
+    "txt_attn.qkv.0": "attn.add_q_proj",
+    "txt_attn.qkv.1": "attn.add_k_proj",
+    "txt_attn.qkv.2": "attn.add_v_proj",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "img_mod.lin": "norm1.linear",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+    "txt_mod.lin": "norm1_context.linear",
+}
+OMI_SINGLE = {
+    "linear1.0": "attn.to_q",
+    "linear1.1": "attn.to_k",
+    "linear1.2": "attn.to_v",
+    "linear1.3": "proj_mlp",
+    "linear2": "proj_out",
+    "modulation.lin": "norm.linear",
+}
+OMI_OTHER = {
+    "txt_in": "context_embedder",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # its lora_up in BFL's (shift, scale) order
+    "final_layer.linear": "proj_out",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "img_in.proj": "x_embedder",
+}
+
+
+def omi_names(double_blocks: int, single_blocks: int) -> dict[str, str]:
+    """OMI name -> the module it trains, for a transformer of so many blocks."""
+    names = dict(OMI_OTHER)
+    for index in range(double_blocks):
+        names |= {f"double_blocks.{index}.{omi}": f"transformer_blocks.{index}.{t}" for omi, t in OMI_DOUBLE.items()}
+    for index in range(single_blocks):
+        names |= {
+            f"single_blocks.{index}.{omi}": f"single_transformer_blocks.{index}.{t}" for omi, t in OMI_SINGLE.items()
+        }
+    return names
+
+
+def omi(flux: Any) -> dict[str, torch.Tensor]:
+    """Every Linear, its text encoders under `clip_l.`/`t5.`. Each pair has its module's widths: a name that
+    reached another module would fail the shape check."""
+    modules = dict(flux.transformer.named_modules())
+    state_dict = {}
+    for name, target in omi_names(19, 38).items():
+        down, up = pair(modules[target].in_features, modules[target].out_features)
+        state_dict |= {f"transformer.{name}.lora_down.weight": down, f"transformer.{name}.lora_up.weight": up}
+        state_dict[f"transformer.{name}.alpha"] = torch.tensor(1.0)
+    return state_dict | text_encoders("clip_l.", "t5.", False, flux, "lora_down.weight", "lora_up.weight")
+
+
+def onetrainer_internal(flux: Any) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for key, tensor in peft(flux).items():
+        state_dict[key.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")] = tensor
+        state_dict[f"{key.rsplit('.lora_', 1)[0]}.alpha"] = torch.tensor(1.0)
+    return state_dict
+
+
 LAYOUTS: dict[str, tuple[Callable[[Any], dict], bool]] = {  # the file, and whether it trains the text encoders
     "diffusers/PEFT (ai-toolkit)": (peft, False),
     "kohya, in_dims": (lambda flux: kohya_bfl("lora_unet_", "_", "lora_down.weight", "lora_up.weight"), False),
@@ -172,13 +264,20 @@ LAYOUTS: dict[str, tuple[Callable[[Any], dict], bool]] = {  # the file, and whet
     ),
     "ComfyUI, PEFT names": (lambda flux: kohya_bfl("diffusion_model.", ".", "lora_A.weight", "lora_B.weight"), False),
     "CivitAI mixture": (mixture, False),
+    "SimpleTuner checkpoint, two spellings": (lambda flux: simpletuner(flux, "transformer.", comfyui=False), False),
+    "SimpleTuner ComfyUI export v3.1.6-v3.2.3": (
+        lambda flux: simpletuner(flux, "diffusion_model.", comfyui=True),
+        False,
+    ),
+    "OneTrainer OMI, CLIP and T5": (omi, True),
+    "OneTrainer INTERNAL since 2026-07": (onetrainer_internal, False),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_complete_file_converts_and_matches_every_layer(flux: Any, layout: str) -> None:
     make, trains_text_encoders = LAYOUTS[layout]
-    state_dict = make(flux)
+    state_dict = spelled_as_read(make(flux), {}, "replicate_weights")
     to_load = check_lora_matches(flux, state_dict, "replicate_weights")
     adapted = {key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in to_load if ".lora_" in key}
     assert adapted == linear_names(flux.transformer)  # all 504: blocks, modulations, embedders, final layer
@@ -207,3 +306,53 @@ def test_a_bfl_control_lora_is_refused_as_what_it_is(flux: Any) -> None:
     control["transformer.x_embedder.lora_A.weight"] = torch.empty(RANK, 128, device="meta")
     with pytest.raises(LoraFormatError, match="this is a FLUX.1 Canny or Depth control LoRA"):
         check_lora_matches(flux, control, "replicate_weights")
+
+
+def fal_kontext() -> dict[str, torch.Tensor]:
+    """fal's FLUX Kontext trainer: peft's `base_model.model.` over BFL names, every block's layers and the final
+    layer's linear (what diffusers' `_convert_fal_kontext_lora_to_diffusers` reads, and nothing else), no alpha.
+    Rank 1 with values, not meta tensors: without alphas diffusers' converters call `.item()` on their default."""
+    shapes = kohya_bfl("base_model.model.", ".", "lora_A.weight", "lora_B.weight", in_dims=False)
+    shapes |= dict(
+        zip(
+            ("base_model.model.final_layer.linear.lora_A.weight", "base_model.model.final_layer.linear.lora_B.weight"),
+            pair(HIDDEN, 64),
+            strict=True,
+        )
+    )
+    generator = torch.Generator().manual_seed(0)
+    return {
+        key: torch.randn((1, t.shape[1]) if key.endswith(".lora_A.weight") else (t.shape[0], 1), generator=generator)
+        for key, t in shapes.items()
+        if not key.endswith(".alpha")
+    }
+
+
+def test_a_complete_fal_kontext_file_loads_as_diffusers_own_reader_loads_it(flux: Any) -> None:
+    """diffusers reads this layout (FluxPipeline.lora_state_dict, for keys with "base_model") only when all 57
+    blocks are there; then each layer must get the very same pair from both."""
+    from diffusers import FluxPipeline
+
+    state_dict = fal_kontext()
+    ours = check_lora_matches(flux, spelled_as_read(state_dict, {}, "replicate_weights"), "replicate_weights")
+    theirs = FluxPipeline.lora_state_dict(dict(state_dict))
+    assert ours.keys() == theirs.keys()
+    assert len({key.rsplit(".lora_", 1)[0] for key in ours}) == 19 * 14 + 38 * 6 + 1
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_a_fal_kontext_file_with_blocks_missing_maps_what_is_there(flux: Any) -> None:
+    """diffusers' reader needs every block (a KeyError otherwise); a file without some maps the rest."""
+    from diffusers import FluxPipeline
+
+    state_dict = {
+        key: value
+        for key, value in fal_kontext().items()
+        if not key.startswith(("base_model.model.double_blocks.5.", "base_model.model.single_blocks.20."))
+    }
+    with pytest.raises(KeyError):
+        FluxPipeline.lora_state_dict(dict(state_dict))
+    to_load = check_lora_matches(flux, spelled_as_read(state_dict, {}, "replicate_weights"), "replicate_weights")
+    adapted = {key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in to_load}
+    assert not any(name.startswith(("transformer_blocks.5.", "single_transformer_blocks.20.")) for name in adapted)
+    assert len(adapted) == 18 * 14 + 37 * 6 + 1

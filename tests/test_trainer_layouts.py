@@ -42,7 +42,11 @@ import torch
 
 from tests.compare import effective, linears
 from tests.conftest import fast
-from tests.test_lora_coverage import flux  # noqa: F401  (the meta-device FLUX.1 dev fixture)
+from tests.test_fast import fast_predictor  # noqa: F401  (go_fast's quantized copy, on CPU)
+from tests.test_lora_coverage import (
+    flux,  # noqa: F401  (the meta-device FLUX.1 dev fixture)
+    omi_names,
+)
 from tests.test_lora_formats import data_uri_of
 
 RANK = 4
@@ -601,6 +605,156 @@ def test_onetrainer_dora_magnitude_spelling_is_peft_s(predictor: Any, tmp_path: 
     assert_applies_alike(
         predictor, data_uri_of(respelled, tmp_path, "onetrainer"), data_uri_of(state_dict, tmp_path, "peft")
     )
+
+
+def omi_alpha(omi: str) -> float:
+    """OneTrainer's default alpha (1.0), and other alphas on some parts, so each part's own must apply."""
+    return 8.0 if omi.endswith((".qkv.1", "linear1.3")) else 2.0 if omi.startswith("final_layer.") else 1.0
+
+
+def omi_file(predictor: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Its INTERNAL backup (`lora/lora.safetensors`, the training dtype: float32) and its SAFETENSORS output
+    with the OMI switch: lora_down/lora_up and a float32 `.alpha` per part, for every Linear; and the update
+    each module gets at scale 1."""
+    transformer = transformer_of(predictor)
+    generator = torch.Generator().manual_seed(31)
+    state_dict, expected = {}, {}
+    for omi, name in omi_names(double_blocks=1, single_blocks=1).items():
+        layer = getattr(transformer.get_submodule(name), "base_layer", transformer.get_submodule(name))
+        down, up = random_pair(layer.out_features, layer.in_features, generator)
+        written = torch.cat(up.chunk(2)[::-1]) if omi == "final_layer.adaLN_modulation.1" else up
+        state_dict |= {
+            f"transformer.{omi}.lora_down.weight": down,
+            f"transformer.{omi}.lora_up.weight": written,
+            f"transformer.{omi}.alpha": torch.tensor(omi_alpha(omi)),
+        }
+        expected[name] = up @ down * (omi_alpha(omi) / RANK)
+    assert len(expected) == len(linears(transformer)) == 30  # 14 in the double block, 6 in the single, 10 outside
+    return state_dict, expected
+
+
+def test_onetrainer_omi_layout(predictor: Any, tmp_path: Path) -> None:
+    check_applies(predictor, tmp_path, *omi_file(predictor))
+
+
+def test_onetrainer_omi_layout_trains_the_text_encoders_under_their_own_names(predictor: Any, tmp_path: Path) -> None:
+    """`clip_l.` + transformers' CLIP names (with `text_model.`), `t5.` + T5's."""
+    pipeline = predictor.engine.models["dev"].text_to_image
+    fast(predictor, prompt="a cat")
+    layers = {
+        "clip_l.text_model.encoder.layers.0.self_attn.q_proj": (
+            pipeline.text_encoder,
+            "encoder.layers.0.self_attn.q_proj",
+        ),
+        "t5.encoder.block.0.layer.1.DenseReluDense.wo": (
+            pipeline.text_encoder_2,
+            "encoder.block.0.layer.1.DenseReluDense.wo",
+        ),
+    }
+    generator = torch.Generator().manual_seed(32)
+    state_dict, expected, base = {}, {}, {}
+    for omi, (model, name) in layers.items():
+        layer = model.get_submodule(name)
+        down, up = random_pair(layer.out_features, layer.in_features, generator)
+        state_dict |= {f"{omi}.lora_down.weight": down, f"{omi}.lora_up.weight": up, f"{omi}.alpha": torch.tensor(2.0)}
+        expected[omi] = up @ down * (2.0 / RANK)
+        base[omi] = effective_weight(layer)
+    fast(predictor, prompt="a cat", replicate_weights=data_uri_of(state_dict, tmp_path, "omi-te"), lora_scale=0.5)
+    for omi, (model, name) in layers.items():
+        torch.testing.assert_close(effective_weight(model.get_submodule(name)), base[omi] + 0.5 * expected[omi])
+    fast(predictor, prompt="a cat")
+    assert all(
+        torch.equal(effective_weight(model.get_submodule(name)), base[omi]) for omi, (model, name) in layers.items()
+    )
+
+
+def effective_weight(layer: torch.nn.Module) -> torch.Tensor:
+    return effective(torch.nn.ModuleDict({"layer": layer}))["layer"][0]
+
+
+def test_onetrainer_omi_names_outside_flux_are_refused_by_name(predictor: Any, tmp_path: Path) -> None:
+    from errors import InputError
+
+    transformer = transformer_of(predictor)
+    base_image = fast(predictor, prompt="a cat", output_format="png")[0]
+    generator = torch.Generator().manual_seed(33)
+    layer = transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    down, up = random_pair(layer.out_features, layer.in_features, generator)
+    state_dict = {}
+    for omi in ("double_blocks.0.img_attn.qkv.0", "double_blocks.0.img_attn.qkv.3"):  # BFL's qkv has 3 parts
+        state_dict |= {f"transformer.{omi}.lora_down.weight": down, f"transformer.{omi}.lora_up.weight": up}
+    with pytest.raises(
+        InputError,
+        match=r"2 of its 4 LoRA tensors match no FLUX.1 layer.*transformer\.double_blocks\.0\.img_attn\.qkv\.3\.lora",
+    ):
+        fast(predictor, prompt="a cat", replicate_weights=data_uri_of(state_dict, tmp_path, "omi-bad"))
+    assert fast(predictor, prompt="a cat", output_format="png")[0] == base_image
+
+
+def test_onetrainer_internal_format_honours_its_alpha(predictor: Any, tmp_path: Path) -> None:
+    """Since its 2026-07 rework the INTERNAL backup is the raw in-memory dict: diffusers' module names with
+    kohya's suffixes (`lora_down`/`lora_up`/`.alpha`). diffusers loads it at scale 1; the alpha is 2 x rank."""
+    pairs, expected = split_file(predictor, seed=34)
+    state_dict = {}
+    for name, (down, up) in pairs.items():
+        state_dict |= {
+            f"transformer.{name}.lora_down.weight": down,
+            f"transformer.{name}.lora_up.weight": up,
+            f"transformer.{name}.alpha": torch.tensor(2.0 * RANK),
+        }
+    check_applies(predictor, tmp_path, state_dict, {name: 2.0 * update for name, update in expected.items()})
+
+
+# fal ------------------------------------------------------------------------------------------------
+
+
+def fal_kontext_file(predictor: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """fal's FLUX Kontext trainer (the layout diffusers PR #11823 reads): peft's `base_model.model.` over BFL
+    names, lora_A/lora_B in bf16, no alpha (scale 1), for the blocks and the final layer's linear only."""
+    layers = bfl_layers() | {"final_layer.linear": ["proj_out"]}
+    pairs, expected = fused_file(predictor, layers, seed=35, alpha=None)
+    state_dict = {}
+    for bfl, (down, up) in pairs.items():
+        state_dict[f"base_model.model.{bfl}.lora_A.weight"] = down.bfloat16()
+        state_dict[f"base_model.model.{bfl}.lora_B.weight"] = up.bfloat16()
+    return state_dict, expected
+
+
+def test_fal_kontext_trainer(predictor: Any, tmp_path: Path) -> None:
+    check_applies(predictor, tmp_path, *fal_kontext_file(predictor))
+
+
+# go_fast's slot -------------------------------------------------------------------------------------
+
+
+def simpletuner_comfyui_file(predictor: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The v3.1.6-v3.2.3 export without its config: alpha 2 x rank on the attention projections only."""
+    pairs, expected = split_file(predictor, seed=11)
+    mixed = simpletuner_checkpoint(pairs)
+    state_dict, _ = simpletuner_comfyui(mixed, simpletuner_adapter_config(False), "diffusion_model.")
+    return state_dict, {n: u * (2.0 if n.endswith(ATTENTION_PROJECTIONS) else 1.0) for n, u in expected.items()}
+
+
+@pytest.mark.parametrize(
+    "make", [omi_file, fal_kontext_file, simpletuner_comfyui_file], ids=["OneTrainer OMI", "fal Kontext", "SimpleTuner"]
+)
+def test_go_fast_s_slot_takes_these_layouts_alike(
+    predictor: Any,
+    fast_predictor: Any,  # noqa: F811
+    tmp_path: Path,
+    make: Any,
+) -> None:
+    """go_fast writes the same converted pairs into its slot: each layer of the fast copy computes its own
+    (quantized) weight plus scale x the update, and nothing else changes."""
+    state_dict, expected = make(predictor)
+    transformer = fast_predictor.engine.models["dev"].fast_pipelines["txt2img"].transformer
+    fast(fast_predictor, prompt="a cat", go_fast=True)
+    base = effective(transformer)
+    source = data_uri_of(state_dict, tmp_path, "layout")
+    fast(fast_predictor, prompt="a cat", go_fast=True, replicate_weights=source, lora_scale=0.7)
+    for name, (weight, _) in effective(transformer).items():
+        want = base[name][0] + 0.7 * expected[name] if name in expected else base[name][0]
+        torch.testing.assert_close(weight, want, rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # XLabs ---------------------------------------------------------------------------------------------
