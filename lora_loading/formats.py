@@ -746,17 +746,33 @@ def match_lora(
         return {}, deltas
     rest = flattened_names_to_peft(rest, pipeline.transformer, input_name)
     rest = bfl_alphas_fixed(comfyui_peft_to_kohya(rest), pipeline.transformer)
-    try:
-        converted, alphas = FluxPipeline.lora_state_dict(rest, return_alphas=True)
-    except Exception as error:
-        raise LoraFormatError(
-            f"Invalid {input_name}: this file is not a FLUX LoRA in any supported format "
-            f"(diffusers/PEFT, kohya, ComfyUI, CivitAI mixture, XLabs); first keys: {_first_keys(state_dict)}."
-        ) from error
-    # diffusers' kohya converter names the embedders and the final layer (kohya's in_dims, "train all
-    # layers", every ComfyUI extract) without the "transformer." its own loader then filters on, so
-    # they were dropped without a word. They are transformer modules: prefixed here, they apply.
-    transformer_part = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+    # diffusers picks one converter per file, and its kohya converter keeps only the `transformer.` keys of a
+    # file that also has them ("has both peft and non-peft state dict"), dropping the rest without a word. So
+    # each spelling is converted on its own, and a layer named in both is refused.
+    peft_named = {key: tensor for key, tensor in rest.items() if key.startswith("transformer.")}
+    spellings = [peft_named, {key: tensor for key, tensor in rest.items() if key not in peft_named}]
+    transformer_part: dict[str, torch.Tensor] = {}
+    alphas: dict[str, torch.Tensor] = {}
+    for spelling in filter(None, spellings):
+        try:
+            converted, spelling_alphas = FluxPipeline.lora_state_dict(spelling, return_alphas=True)
+        except Exception as error:
+            raise LoraFormatError(
+                f"Invalid {input_name}: this file is not a FLUX LoRA in any supported format "
+                f"(diffusers/PEFT, kohya, ComfyUI, CivitAI mixture, XLabs); first keys: {_first_keys(state_dict)}."
+            ) from error
+        # diffusers' kohya converter names the embedders and the final layer (kohya's in_dims, "train all
+        # layers", every ComfyUI extract) without the "transformer." its own loader then filters on, so
+        # they were dropped without a word. They are transformer modules: prefixed here, they apply.
+        prefixed = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()}
+        twice = sorted(prefixed.keys() & transformer_part.keys())
+        if twice:
+            raise LoraFormatError(
+                f"Invalid {input_name}: it names {len(twice)} LoRA tensors twice, in diffusers' names and in another "
+                f"spelling, so which one it means is unclear; first: {', '.join(twice[:3])}."
+            )
+        transformer_part |= prefixed
+        alphas |= spelling_alphas or {}
     transformer_part.update({f"transformer.{target}{DORA_MAGNITUDE}": m for target, m in magnitudes.items()})
 
     modules = linear_layers(pipeline.transformer)

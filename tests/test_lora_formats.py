@@ -186,6 +186,21 @@ def test_mixture_layout_applies_as_peft(predictor: Any, tensors: dict, tmp_path:
     assert_applies_alike(predictor, data_uri_of(with_alpha, tmp_path, "alpha"), data_uri_of(halved, tmp_path, "halved"))
 
 
+def test_a_file_mixing_diffusers_names_with_kohya_names_applies_both(
+    predictor: Any, tensors: dict, tmp_path: Path
+) -> None:
+    """diffusers' kohya converter keeps only the `transformer.` part of such a file; each part is applied, and a
+    layer named in both spellings is refused."""
+    peft = without(peft_layout(tensors), "attn.to_out.0", "attn.to_add_out")  # those two in kohya's names
+    kohya = without(kohya_layout(tensors), "img_attn_qkv", "img_mlp", "linear2")
+    assert_applies_alike(
+        predictor, data_uri_of(peft | kohya, tmp_path, "mixed"), data_uri_of(peft_layout(tensors), tmp_path, "peft")
+    )
+    twice = peft_layout(tensors) | kohya
+    with pytest.raises(InputError, match=r"names 4 LoRA tensors twice, in diffusers' names and in another spelling"):
+        image(predictor, data_uri_of(twice, tmp_path, "twice"))
+
+
 def test_kohya_alpha_scales_the_lora(predictor: Any, tensors: dict, tmp_path: Path) -> None:
     assert_applies_alike(
         predictor,
