@@ -7,9 +7,12 @@ XLabs; diffusers/PEFT files (ai-toolkit) need no conversion. What we add, each w
 done below:
 - spellings it does not read (`respelled`, `comfyui_peft_to_kohya`, `flattened_names_to_peft`):
   ComfyUI's and OneTrainer's PEFT names on BFL modules, bare BFL names, SimpleTuner's
-  `lycoris_` names and the mixture's MLP layers;
-- alphas it does not apply (`metadata_alphas`, `bfl_alphas_fixed`): header-only alphas,
-  the final layer's modulation, kohya split_qkv's per-part scale;
+  `lycoris_` names, its ComfyUI export's and its checkpoints' spellings, fal's Kontext layout,
+  OneTrainer's OMI and INTERNAL layouts, and the mixture's MLP layers; a file mixing spellings
+  has each part converted on its own (`match_lora`);
+- alphas it does not apply (`metadata_alphas`, `peft_alphas_folded`, `bfl_alphas_fixed`):
+  header-only alphas, `.alpha` on only some diffusers-named layers, the final layer's
+  modulation, kohya split_qkv's per-part scale;
 - tensors that are not LoRA pairs (`transformer_deltas`, `dora_magnitudes`): `.diff_b`,
   `.diff`, LyCORIS LoKr and DoRA magnitudes, by diffusers module;
 - every LoRA pair is matched against the transformer's layers, so a LoRA for another

@@ -15,19 +15,29 @@ What each writer does was read in its source (2026-12):
   names, `lora_up/lora_down` and the adapter's `alpha` parameter (1.0), plus `.diff_b` for every bias.
 - ComfyUI's extract node, `comfy_extras/nodes_lora_extract.py` (standard, bias_diff on): `lora_up`,
   `lora_down` in fp16 without alpha, and `.diff_b`.
-- SimpleTuner's ComfyUI export, `simpletuner/helpers/training/lora_format.py` `convert_diffusers_to_comfyui`:
-  for FLUX it keeps the `transformer.` names and adds a float32 `.alpha` per module, with diffusers'
-  adapter metadata in the header.
+- SimpleTuner (tags v3.1.6, v3.2.3, v3.3.0): its save hook passes peft's state dict through diffusers'
+  `convert_state_dict_to_diffusers`, which renames only the attention projections' pairs to `.lora.down`/
+  `.lora.up`, to diffusers' `save_lora_weights` with the adapter's config (its checkpoints). Its ComfyUI
+  export (`simpletuner/helpers/training/lora_format.py` `convert_diffusers_to_comfyui`) then swaps the
+  prefix for `diffusion_model.` (v3.3.0 on keeps FLUX's `transformer.`), spells every pair lora_A/lora_B,
+  gives only the respelled ones a float32 `.alpha`, and writes the config unprefixed to the header when
+  json.dumps can (not when target_modules is a list, which peft holds as a set).
 - OneTrainer, `modules/util/convert_lora_util.py` and `FluxModel.diffusers_to_original`: DIFFUSERS (split
   names, alpha folded into lora_B), KOHYA (`lora_unet_`, fused layers trained fused), ORIGINAL (bare BFL
   names, lora_A/lora_B and `.alpha`), COMFY (the same under `diffusion_model.`), LEGACY (the "mixture":
-  `lora_transformer_` + flattened diffusers names).
+  `lora_transformer_` + flattened diffusers names). Its INTERNAL backup is its in-memory dict: since the
+  2026-07 rework diffusers' names with lora_down/lora_up/`.alpha`; before it (commit 8fd97dcc,
+  `modules/util/convert/lora/convert_flux_lora.py`) the OMI layout, `transformer.` + BFL names with fused
+  layers trained as parts (`img_attn.qkv.0` is to_q), `img_in.proj`, and the final modulation's lora_up
+  swapped to BFL's order (`swap_chunks`), which its SAFETENSORS output also writes with the OMI switch.
 - XLabs' x-flux, its DoubleStreamBlockLoraProcessor and SingleStreamBlockLoraProcessor:
   `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` (1 the image stream, 2 the text one) and
   `single_blocks.N.processor.{qkv,proj}_lora`, the single block's qkv_lora on linear1's q/k/v rows only and
   its proj_lora on linear2's input; no alpha saved.
-- fal's trainer is not public; its API returns a `diffusers_lora_file`, which is the diffusers/PEFT
-  layout ai-toolkit's shows (covered there, not from fal's code).
+- fal's trainers are not public. Its FLUX.1 LoRA API returns a `diffusers_lora_file`, the diffusers/PEFT
+  layout ai-toolkit's shows (covered there); its FLUX Kontext trainer's files are what diffusers'
+  `_convert_fal_kontext_lora_to_diffusers` (PR #11823) reads: `base_model.model.` + BFL names, lora_A/
+  lora_B, every block and `final_layer.linear`, no alpha.
 """
 
 from __future__ import annotations
@@ -816,15 +826,24 @@ def onetrainer_dora_file(
                 f"{key}.lora_up.weight": up,
                 f"{key}.alpha": torch.tensor(1.0),
             }
-        else:  # DIFFUSERS: alpha folded into lora_B; a per-input magnitude stays `dora_scale`
+        elif output_format == "DIFFUSERS":  # alpha folded into lora_B; a per-input magnitude stays `dora_scale`
             key = f"transformer.{name}"
             state_dict |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up / RANK}
+        else:  # INTERNAL: the in-memory dict, since 2026-07 in diffusers' names, before in OMI's
+            omi = {module: omi for omi, module in omi_names(double_blocks=1, single_blocks=1).items()}
+            key = f"transformer.{name if output_format == 'INTERNAL' else omi[name]}"
+            written = torch.cat(up.chunk(2)[::-1]) if key.endswith("adaLN_modulation.1") else up
+            state_dict |= {
+                f"{key}.lora_down.weight": down,
+                f"{key}.lora_up.weight": written,
+                f"{key}.alpha": torch.tensor(1.0),
+            }
         state_dict[f"{key}.dora_scale"] = magnitude
     return state_dict, expected
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-@pytest.mark.parametrize("output_format", ["KOHYA", "DIFFUSERS", "LEGACY"])
+@pytest.mark.parametrize("output_format", ["KOHYA", "DIFFUSERS", "LEGACY", "INTERNAL", "OMI"])
 def test_onetrainer_dora_per_input_column(predictor: Any, tmp_path: Path, output_format: str, scale: float) -> None:
     """Recomposed into the weights: at scale 1 what OneTrainer trained; otherwise peft's definition, the
     scale on dW inside the normalisation. Every other layer untouched; then the base, bit for bit."""
