@@ -202,7 +202,7 @@ class Bench:
 
     def setup(self) -> None:
         from engine.fast import FastSettings, configure_compile_cache
-        from engine.generate import warm_up_fast_pipeline
+        from engine.generate import warm_up_compiled_pipeline
         from engine.pipelines import assemble_models
 
         a = self.args
@@ -242,7 +242,7 @@ class Bench:
         start = time.perf_counter()
         for model in self.models.values():
             if model.fast_pipelines and not a.no_compile:
-                warm_up_fast_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+                warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
         self.sync()
         self.row(f"setup: compile (server warm-up, both models), {label} cache", f"{time.perf_counter() - start:.1f} s")
         self.graphs_after_warm_up = counters["stats"]["unique_graphs"]

@@ -5,11 +5,13 @@ Every optimisation is an explicit switch (environment variables, read into FastS
   scales, on CUDA GPUs of compute capability 8.9+), `off`, or a named torchao config used
   wherever torchao accepts it: `float8-dynamic` (auto's config without our hardware check;
   the tests run it on CPU past torchao's own check), `int8-weight-only`, `float8-weight-only`;
-- FLUX_COMPILE (1/0) and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`, `aot_eager`): regional
+- FLUX_COMPILE and FLUX_COMPILE_BACKEND (`inductor`; tests use `eager`, `aot_eager`): regional
   torch.compile of the repeated blocks, with dynamic shapes so that sizes, batch sizes and
-  modes share compiled graphs;
+  modes share compiled graphs. Unset, the fast copy is compiled, and the standard transformer on
+  CUDA only; `1` compiles both on any device, `0` neither (`compile_standard`);
 - FLUX_COMPILE_CACHE_DIR: where inductor keeps its caches, so a second start is fast;
-- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries;
+- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries (it grows);
+  FLUX_LORA_SLOT_RANK: the compiled standard transformer's (fixed: a wider request runs eager);
 - FLUX_GPU_RESERVE_GIB: GPU memory kept free for activations when deciding whether an
   fp8 copy fits (default 8).
 
@@ -39,22 +41,30 @@ NAMED_CONFIGS = ("float8-dynamic", "int8-weight-only", "float8-weight-only")
 @dataclass(frozen=True)
 class FastSettings:
     quantization: str
-    compile: bool
+    compile: bool  # the fast copy
     compile_backend: str
     lora_rank: int
     compile_cache_dir: str | None
     gpu_reserve_bytes: int = 8 * 2**30
+    standard_compile: bool | None = None  # the standard transformer; None: on CUDA only
+    standard_lora_rank: int = 128
 
     @classmethod
     def from_env(cls) -> FastSettings:
+        switch = os.environ.get("FLUX_COMPILE", "")
         return cls(
             quantization=os.environ.get("FLUX_FAST_QUANTIZATION", "auto"),
-            compile=os.environ.get("FLUX_COMPILE", "1") != "0",
+            compile=switch != "0",
             compile_backend=os.environ.get("FLUX_COMPILE_BACKEND", "inductor"),
             lora_rank=int(os.environ.get("FLUX_FAST_LORA_RANK", "64")),
             compile_cache_dir=os.environ.get("FLUX_COMPILE_CACHE_DIR") or None,
             gpu_reserve_bytes=int(float(os.environ.get("FLUX_GPU_RESERVE_GIB", "8")) * 2**30),
+            standard_compile={"1": True, "0": False}.get(switch),
+            standard_lora_rank=int(os.environ.get("FLUX_LORA_SLOT_RANK", "128")),
         )
+
+    def compile_standard(self, device: torch.device) -> bool:
+        return self.standard_compile if self.standard_compile is not None else device.type == "cuda"
 
 
 def fast_path_unavailable(settings: FastSettings, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -114,21 +124,32 @@ def build_fast_transformer(
     fast.load_state_dict(transformer.state_dict(), assign=True)
     fast.eval()
     quantize_(fast, _quantization_config(settings.quantization))
-    # After quantizing: the slot's own lora_A/lora_B layers stay in the compute dtype.
-    add_lora_slot(fast, settings.lora_rank)
     log.info(
-        "go_fast: %s transformer quantized (%s) with a rank-%d LoRA slot in %.1f s.",
+        "go_fast: %s transformer quantized (%s) in %.1f s.",
         name,
         settings.quantization if settings.quantization != "auto" else "fp8 per-row",
-        settings.lora_rank,
         time.perf_counter() - start,
     )
-    if settings.compile:
-        # Every block of both models shares one compiled code object, with an entry for each
-        # slot state, batch 1 or more, slot rank and quantization: past dynamo's default
-        # limit of 8, a fullgraph compile raises instead of running the request.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        # dynamic=True: one graph serves every size and batch size, so a new aspect ratio,
-        # custom size or img2img input does not recompile.
-        fast.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)
-    return fast
+    # After quantizing: the slot's own lora_A/lora_B layers stay in the compute dtype.
+    return with_slot_compiled(fast, settings.lora_rank, settings if settings.compile else None, f"go_fast {name}")
+
+
+def with_slot_compiled(
+    transformer: FluxTransformer2DModel, rank: int, settings: FastSettings | None, name: str
+) -> FluxTransformer2DModel:
+    """One mechanism for both transformers: a LoRA slot of `rank` on every Linear (lora_loading/slots.py),
+    so that switching LoRAs writes tensors instead of changing modules, and (with `settings`) regional
+    compilation of the repeated blocks."""
+    add_lora_slot(transformer, rank)
+    if settings is None:
+        log.info("%s: a rank-%d LoRA slot, not compiled.", name, rank)
+        return transformer
+    # Every block of both models shares one compiled code object, with an entry for each
+    # slot state, batch 1 or more, slot rank and quantization: past dynamo's default
+    # limit of 8, a fullgraph compile raises instead of running the request.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # dynamic=True: one graph serves every size and batch size, so a new aspect ratio,
+    # custom size or img2img input does not recompile.
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)
+    log.info("%s: a rank-%d LoRA slot, blocks compiled (%s).", name, rank, settings.compile_backend)
+    return transformer

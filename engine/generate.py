@@ -18,7 +18,7 @@ from PIL import Image
 
 from downloads import redact
 from engine.config import Settings
-from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable
+from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable, with_slot_compiled
 from engine.inputs import LoraRequest, Mode, Request
 from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
@@ -26,7 +26,7 @@ from engine.pipelines import FluxModel, load_models
 from lora_loading.adapters import LoraAdapters, TextEncoderLoras
 from lora_loading.deltas import ParameterDeltas
 from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora, standard_path_reason
-from lora_loading.slots import LoraSlots
+from lora_loading.slots import LoraSlots, SlotOrAdapters
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora
 
@@ -79,6 +79,8 @@ class Engine:
         elif fast.compile:
             with timed("compiling the go_fast transformers", self.device):
                 self._warm_up_fast_path()
+        # After the fast copies, which are built from the plain transformers' state dicts.
+        self.standard_compiled = self._compile_standard_path(fast)
         with timed("loading the safety checker", self.device):
             self.safety = SafetyChecker(
                 settings.safety_checker_weights,
@@ -92,10 +94,11 @@ class Engine:
         self.text_encoder_loras = TextEncoderLoras(
             {"text_encoder": dev.text_encoder, "text_encoder_2": dev.text_encoder_2}
         )
-        self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots] = {}
+        self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots | SlotOrAdapters] = {}
         for name, model in self.models.items():
             in_place = ParameterDeltas()  # the fast copy shares the bf16 biases: one state for both paths
-            self.loras[name, False] = LoraAdapters(model.text_to_image, in_place)
+            standard = SlotOrAdapters if self.standard_compiled else LoraAdapters
+            self.loras[name, False] = standard(model.text_to_image, in_place)
             if model.fast_pipelines:
                 self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE], in_place)
         self.lora_cache = LoraCache.from_env()
@@ -123,7 +126,29 @@ class Engine:
     def _warm_up_fast_path(self) -> None:
         for model in self.models.values():
             if model.fast_pipelines:  # None where the GPU had no room for the fp8 copy
-                warm_up_fast_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+                warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+
+    def _compile_standard_path(self, fast: FastSettings) -> bool:
+        """The standard transformers with a fixed-rank LoRA slot and their blocks compiled, as the fast copies
+        are (engine/fast.py); whether they are. Not where modules move between devices during requests."""
+        if not fast.compile_standard(self.device):
+            log.info("Standard path: not compiled (FLUX_COMPILE=1 compiles it on %s).", self.device.type)
+            return False
+        why_not = (
+            "the models are offloaded to CPU memory (FLUX_OFFLOAD)"
+            if self.offload.enabled
+            else "schnell's transformer moves between CPU and GPU memory"
+            if not all(model.resident for model in self.models.values())
+            else None
+        )
+        if why_not:
+            log.warning("Standard path: not compiled, as %s.", why_not)
+            return False
+        with timed("compiling the standard transformers", self.device):
+            for model in self.models.values():
+                with_slot_compiled(model.text_to_image.transformer, fast.standard_lora_rank, fast, model.name)
+                warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+        return True
 
     @torch.inference_mode()
     def predict(self, request: Request) -> list[Path]:
@@ -161,7 +186,9 @@ class Engine:
         )
 
         with timed("loading LoRAs", self.device, "lora_load_time"):
-            self._apply_loras(wanted, paths, request.model, fast)
+            eager = self._apply_loras(wanted, paths, request.model, fast)
+        if eager:
+            log.info("Compiled blocks: %s, which their LoRA slot cannot hold; this request runs eager.", eager)
 
         text_encoders = {"text_encoder": pipeline.text_encoder, "text_encoder_2": pipeline.text_encoder_2}
         with timed("text encoding", self.device, "text_encoding_time"), self.offload.running(**text_encoders):
@@ -177,7 +204,11 @@ class Engine:
 
         # The VAE encodes img2img and inpainting inputs inside the call.
         denoising_modules = {"transformer": pipeline.transformer, "vae": pipeline.vae}
-        with timed("denoising", self.device, "denoising_time"), self.offload.running(**denoising_modules):
+        with (
+            timed("denoising", self.device, "denoising_time"),
+            self.offload.running(**denoising_modules),
+            torch.compiler.set_stance("force_eager" if eager else "default"),
+        ):
             latents = pipeline(
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
@@ -227,9 +258,11 @@ class Engine:
             self.models["dev"].text_to_image, read_lora(LoraFile(input_name, source, path, 1.0)), input_name
         )
 
-    def _apply_loras(self, wanted: list[LoraRequest], paths: list[Path], model: str, fast: bool) -> None:
+    def _apply_loras(self, wanted: list[LoraRequest], paths: list[Path], model: str, fast: bool) -> str | None:
         """Fetched first, then applied: a failed download leaves the model untouched. The request's files are
-        held while it loads them and kept by the cache's eviction, which runs once they are all here."""
+        held while it loads them and kept by the cache's eviction, which runs once they are all here.
+        Returns why the request cannot run compiled blocks (SlotOrAdapters), or None."""
+        eager = None
         with ExitStack() as held:
             try:
                 held.enter_context(self.lora_cache.in_use(paths))
@@ -247,16 +280,21 @@ class Engine:
             try:
                 with each_file_read_once():
                     self.text_encoder_loras.apply(files)
-                    self.loras[model, fast].apply(files)
+                    state = self.loras[model, fast]
+                    if isinstance(state, SlotOrAdapters):
+                        eager = state.apply(files)
+                    else:
+                        state.apply(files)
             except BaseException:
                 self.text_encoder_loras.unload()  # nothing of a failed request stays applied
                 raise
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
+        return eager
 
 
 @torch.inference_mode()
-def warm_up_fast_pipeline(pipeline: Any, max_sequence_length: int) -> None:
+def warm_up_compiled_pipeline(pipeline: Any, max_sequence_length: int) -> None:
     """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
     specialises a dimension of size 1), with the LoRA slot off and on. Small and one step:
     with dynamic shapes, the real sizes reuse these graphs."""

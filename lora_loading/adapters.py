@@ -33,6 +33,7 @@ from lora_loading.formats import LoraFile, match_lora, read_lora
 from lora_loading.text_encoders import EncoderLora, linear_layers, text_encoder_loras
 
 log = logging.getLogger(__name__)
+ADAPTER_PREFIX = "lora_"  # the transformer adapters LoraAdapters names and removes; others are not its own
 
 
 def placed(model: torch.nn.Module, changes: dict[tuple[str, ...], Change], index: int) -> list[Placed]:
@@ -83,7 +84,7 @@ class LoraAdapters:
             for index, lora in enumerate(loras):
                 transformer_part, changes = match_lora(self.pipeline, read_lora(lora), lora.input_name)
                 if transformer_part:  # empty for a file that adapts only the text encoders or biases
-                    name = f"lora_{index}"
+                    name = f"{ADAPTER_PREFIX}{index}"
                     self.pipeline.load_lora_weights(transformer_part, adapter_name=name)
                     self.adapters.append((name, index))
                 self.changes += placed(self.pipeline.transformer, changes, index)
@@ -95,8 +96,14 @@ class LoraAdapters:
         self.loaded_keys = tuple(lora.key for lora in loras)
 
     def unload(self) -> None:
-        if self.loaded_keys or getattr(self.pipeline.transformer, "peft_config", None):
-            self.pipeline.transformer.unload_lora()
+        transformer = self.pipeline.transformer
+        configs = getattr(transformer, "peft_config", None) or {}
+        own = [name for name in configs if name.startswith(ADAPTER_PREFIX)]
+        if len(own) < len(configs):  # beside a LoRA slot (lora_loading/slots.py), which stays
+            if own:
+                transformer.delete_adapters(own)
+        elif self.loaded_keys or own:
+            transformer.unload_lora()
         self.in_place.restore()
         self.adapters = []
         self.changes = []

@@ -13,8 +13,9 @@ before compiling, and a request only writes tensors into it:
 - everything is computed before the first copy, so a failure leaves the slot as it was,
   and a write cut short (a cancel) marks the slot unknown, so the next request rewrites it;
 - a request that wants what the slot already holds writes nothing.
-A LoRA whose rank does not fit grows the slot to the next power of two, which costs one
-recompile (logged).
+On the go_fast copy a LoRA whose rank does not fit grows the slot to the next power of two,
+which costs one recompile (logged). The compiled standard transformer carries a slot too, of a
+fixed rank (`SlotOrAdapters`): what it cannot hold runs eager through peft adapters beside it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig
 
+from lora_loading.adapters import LoraAdapters
 from lora_loading.deltas import ParameterDeltas
-from lora_loading.formats import DORA_MAGNITUDE, LoraFile, match_lora, read_lora
+from lora_loading.formats import DORA_MAGNITUDE, LoraFile, match_lora, read_lora, standard_path_reason
 
 log = logging.getLogger(__name__)
 SLOT = "slot"
@@ -66,15 +68,34 @@ def lora_factors(to_load: dict[str, torch.Tensor]) -> Factors:
 
 
 class LoraSlots:
-    """The LoRA state of one fast pipeline; the same `apply` as LoraAdapters."""
+    """The LoRA state of one pipeline whose transformer carries a slot; the same `apply` as LoraAdapters.
+    `grow`: a request wider than the slot grows it (go_fast), or is refused here (`cannot_hold`)."""
 
-    def __init__(self, pipeline: FluxPipeline, in_place: ParameterDeltas | None = None):
+    def __init__(self, pipeline: FluxPipeline, in_place: ParameterDeltas | None = None, grow: bool = True):
         self.pipeline = pipeline
+        self.grow = grow
         # Shared with the model's standard path (the fast copy shares its biases): a go_fast request
         # wants the original biases, so it puts back whatever a standard-path request added.
         self.in_place = in_place or ParameterDeltas()
         self.factors: dict[str, Factors] = {}  # by source key: a scale change reads no file
         self.written: tuple[tuple[str, float], ...] | None = None  # what the slot holds
+
+    def cannot_hold(self, loras: Sequence[LoraFile]) -> str | None:
+        """Why these LoRAs cannot go into the slot, or None: kinds other than LoRA pairs (read from the
+        files' headers), or, for a slot that does not grow, ranks that add up to more than it has."""
+        for lora in loras:
+            reason = standard_path_reason(lora.path)
+            if reason:
+                return f"{lora.input_name} has {reason}"
+        if not self.grow:
+            rank, room = sum(_rank(self._factors(lora)) for lora in loras), slot_rank(self.pipeline.transformer)
+            if rank > room:
+                return f"the LoRAs' ranks add up to {rank}, more than the LoRA slot's {room} (FLUX_LORA_SLOT_RANK)"
+        return None
+
+    def switch_off(self) -> None:
+        """The slot out of the computation, its content kept: peft adapters beside it take over."""
+        self.pipeline.transformer.disable_adapters()
 
     def apply(self, loras: Sequence[LoraFile]) -> None:
         transformer = self.pipeline.transformer
@@ -85,7 +106,7 @@ class LoraSlots:
         wanted = tuple((lora.key, lora.scale) for lora in loras)
         stacked = [(self._factors(lora), lora.scale) for lora in loras]
         widths = [_rank(factors) for factors, _ in stacked]
-        if sum(widths) > slot_rank(transformer):
+        if sum(widths) > slot_rank(transformer) and self.grow:
             # Powers of two: a server sees only a few slot ranks, so a few compiled graphs.
             grown = 1 << (sum(widths) - 1).bit_length()
             log.warning(
@@ -141,3 +162,33 @@ class LoraSlots:
 def _rank(factors: Factors) -> int:
     """The rows a LoRA takes in the slot: its widest layer's rank."""
     return max((down.shape[0] for down, _ in factors.values()), default=0)  # 0: the file adapts only text encoders
+
+
+class SlotOrAdapters:
+    """The LoRA state of a compiled standard pipeline: the slot (a fixed rank, FLUX_LORA_SLOT_RANK) for LoRA
+    pairs that fit, so LoRA switches never recompile; anything else (in-place deltas, LoKr, DoRA, a wider
+    rank) through peft adapters beside it (LoraAdapters), which changes the modules, so the engine runs
+    that request eager (`apply` says why). Both put the base back exactly: the slot is zero or switched off,
+    the adapters are deleted and the in-place changes restored."""
+
+    def __init__(self, pipeline: FluxPipeline, in_place: ParameterDeltas | None = None):
+        in_place = in_place or ParameterDeltas()
+        self.slots = LoraSlots(pipeline, in_place, grow=False)
+        self.adapters = LoraAdapters(pipeline, in_place)
+
+    def apply(self, loras: Sequence[LoraFile]) -> str | None:
+        """Applies `loras`; returns why this request cannot run the compiled blocks, or None."""
+        reason = self.slots.cannot_hold(loras)
+        if reason is None:
+            if self.adapters.loaded_keys:
+                self.adapters.unload()
+                self.slots.pipeline.transformer.set_adapter(SLOT)  # the active one again, whatever peft chose
+            self.slots.apply(loras)
+            return None
+        self.slots.switch_off()
+        self.adapters.apply(loras)
+        return reason
+
+    def unload(self) -> None:
+        self.adapters.unload()
+        self.slots.apply([])
