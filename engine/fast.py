@@ -134,6 +134,14 @@ def build_fast_transformer(
     return with_slot_compiled(fast, settings.lora_rank, settings if settings.compile else None, f"go_fast {name}")
 
 
+def slot_bytes(transformer: torch.nn.Module, rank: int) -> int:
+    """The memory a LoRA slot of `rank` takes on every Linear of `transformer`, in its dtype: (in + out)
+    x rank per layer, 1.3 GiB at rank 128 on FLUX.1's transformer in bf16."""
+    per_rank = sum(m.in_features + m.out_features for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    dtype = next(transformer.parameters()).dtype
+    return per_rank * rank * (torch.finfo(dtype).bits // 8)
+
+
 def with_slot_compiled(
     transformer: FluxTransformer2DModel, rank: int, settings: FastSettings | None, name: str
 ) -> FluxTransformer2DModel:

@@ -22,7 +22,7 @@ from engine.fast import FastSettings, configure_compile_cache, fast_path_unavail
 from engine.inputs import LoraRequest, Mode, Request
 from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
-from engine.pipelines import FluxModel, load_models
+from engine.pipelines import FluxModel, load_models, standard_slots_shortfall
 from lora_loading.adapters import LoraAdapters, TextEncoderLoras
 from lora_loading.deltas import ParameterDeltas
 from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora, standard_path_reason
@@ -139,7 +139,7 @@ class Engine:
             if self.offload.enabled
             else "schnell's transformer moves between CPU and GPU memory"
             if not all(model.resident for model in self.models.values())
-            else None
+            else standard_slots_shortfall(self.models, fast)
         )
         if why_not:
             log.warning("Standard path: not compiled, as %s.", why_not)

@@ -22,7 +22,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from engine.config import Settings
-from engine.fast import FastSettings, build_fast_transformer
+from engine.fast import FastSettings, build_fast_transformer, slot_bytes
 from engine.inputs import Mode
 
 log = logging.getLogger(__name__)
@@ -148,15 +148,37 @@ def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> di
 
 
 def gpu_shortfall(transformer: torch.nn.Module, fast: FastSettings) -> str | None:
-    """Why an fp8 copy would not fit beside what is loaded, keeping room for activations:
-    a copy that fills the GPU would make later requests fail instead of setup."""
+    """Why an fp8 copy would not fit beside what is loaded, keeping room for activations and for the LoRA
+    slots still to come (its own, and both standard transformers' when they will be compiled): a copy that
+    fills the GPU would make later requests fail instead of setup."""
     if transformer.device.type != "cuda":
         return None
     linear_weights = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
-    needed = linear_weights + fast.gpu_reserve_bytes  # one byte per fp8 weight
+    slots = slot_bytes(transformer, fast.lora_rank)
+    if fast.compile_standard(transformer.device):
+        slots += 2 * slot_bytes(transformer, fast.standard_lora_rank)  # dev's and schnell's, added after
+    needed = linear_weights + slots + fast.gpu_reserve_bytes  # one byte per fp8 weight
     free, _ = torch.cuda.mem_get_info(transformer.device)
     if free < needed:
-        return f"it needs {needed / 2**30:.1f} GiB with the activation reserve and {free / 2**30:.1f} GiB are free"
+        return (
+            f"it needs {needed / 2**30:.1f} GiB with the LoRA slots and the activation reserve and "
+            f"{free / 2**30:.1f} GiB are free"
+        )
+    return None
+
+
+def standard_slots_shortfall(models: dict[str, FluxModel], fast: FastSettings) -> str | None:
+    """Why the standard transformers' LoRA slots would not fit, keeping room for activations."""
+    transformers = [model.text_to_image.transformer for model in models.values()]
+    if transformers[0].device.type != "cuda":
+        return None
+    needed = sum(slot_bytes(t, fast.standard_lora_rank) for t in transformers) + fast.gpu_reserve_bytes
+    free, _ = torch.cuda.mem_get_info(transformers[0].device)
+    if free < needed:
+        return (
+            f"their LoRA slots need {needed / 2**30:.1f} GiB with the activation reserve and "
+            f"{free / 2**30:.1f} GiB are free"
+        )
     return None
 
 

@@ -164,3 +164,26 @@ def test_no_recompiles_and_no_graph_breaks_after_warm_up(compiled: Any, loras: d
             png(compiled, go_fast=go_fast, **request)
     assert graphs() == before
     assert dict(counters["graph_break"]) == breaks
+
+
+def test_an_fp8_copy_leaves_room_for_the_lora_slots_still_to_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the fp8 copies are built first; the memory check counts their slot and, when the standard
+    path will be compiled, both standard slots (1.3 GiB each at rank 128 in bf16), so setup never runs out
+    of memory after deciding to build a copy."""
+    import engine.pipelines
+    from engine.fast import FastSettings, slot_bytes
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)
+    assert slot_bytes(transformer, 128) == 5_421_440 * 128 * 2
+    monkeypatch.setattr(FluxTransformer2DModel, "device", property(lambda self: torch.device("cuda")))
+    linear_weights = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    settings = FastSettings("auto", True, "inductor", 64, None, gpu_reserve_bytes=8 * 2**30, standard_compile=True)
+    needed = linear_weights + slot_bytes(transformer, 64) + 2 * slot_bytes(transformer, 128) + 8 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 80 * 2**30))
+    assert engine.pipelines.gpu_shortfall(transformer, settings) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed - 1, 80 * 2**30))
+    # 11.1 GiB of fp8 weights, 0.6 for its slot, 2 x 1.3 for the standard slots, 8 of reserve.
+    assert engine.pipelines.gpu_shortfall(transformer, settings) == (
+        "it needs 22.3 GiB with the LoRA slots and the activation reserve and 22.3 GiB are free"
+    )
