@@ -161,3 +161,16 @@ def with_slot_compiled(
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)
     log.info("%s: a rank-%d LoRA slot, blocks compiled (%s).", name, rank, settings.compile_backend)
     return transformer
+
+
+def uncompiled(transformer: torch.nn.Module) -> None:
+    """Back to eager after a compile failed: each module's compiled forward (nn.Module.compile's) dropped."""
+    for module in transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception in one short line, for a log line that says why something fell back."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:200]

@@ -17,8 +17,16 @@ import torch
 from PIL import Image
 
 from downloads import redact
+from engine.compile_cache import artifacts_folder, artifacts_name, load_artifacts, save_artifacts
 from engine.config import Settings
-from engine.fast import FastSettings, configure_compile_cache, fast_path_unavailable, with_slot_compiled
+from engine.fast import (
+    FastSettings,
+    configure_compile_cache,
+    fast_path_unavailable,
+    first_line,
+    uncompiled,
+    with_slot_compiled,
+)
 from engine.inputs import LoraRequest, Mode, Request
 from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
@@ -76,11 +84,17 @@ class Engine:
             self.models: dict[str, FluxModel] = self._load_models(fast)
         if self.fast_unavailable:
             log.info("go_fast: %s, so go_fast requests run the standard path.", self.fast_unavailable)
-        elif fast.compile:
+        compiles = (fast.compile and not self.fast_unavailable) or fast.compile_standard(self.device)
+        # The compile cache this setup loads before compiling and, when it had none, writes after (script/warm-cache
+        # reports these).
+        self.compile_cache = artifacts_folder(fast) / artifacts_name(fast, self.device, settings.dtype)
+        self.compile_cache_loaded = compiles and load_artifacts(self.compile_cache)
+        if fast.compile and not self.fast_unavailable:
             with timed("compiling the go_fast transformers", self.device):
                 self._warm_up_fast_path()
         # After the fast copies, which are built from the plain transformers' state dicts.
         self.standard_compiled = self._compile_standard_path(fast)
+        self.compile_cache_written = compiles and not self.compile_cache_loaded and save_artifacts(self.compile_cache)
         with timed("loading the safety checker", self.device):
             self.safety = SafetyChecker(
                 settings.safety_checker_weights,
@@ -124,9 +138,15 @@ class Engine:
         return load_models(self.settings, home=HOME)
 
     def _warm_up_fast_path(self) -> None:
-        for model in self.models.values():
-            if model.fast_pipelines:  # None where the GPU had no room for the fp8 copy
+        # None where the GPU had no room for the fp8 copy
+        fast_models = [model for model in self.models.values() if model.fast_pipelines]
+        try:
+            for model in fast_models:
                 warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+        except Exception as error:  # a compiler that fails (no C++ compiler, a kernel that does not build)
+            log.warning("go_fast: compiling failed (%s); the fast copies run uncompiled.", first_line(error))
+            for model in fast_models:
+                uncompiled(model.fast_pipelines[Mode.TEXT_TO_IMAGE].transformer)
 
     def _compile_standard_path(self, fast: FastSettings) -> bool:
         """The standard transformers with a fixed-rank LoRA slot and their blocks compiled, as the fast copies
@@ -145,9 +165,17 @@ class Engine:
             log.warning("Standard path: not compiled, as %s.", why_not)
             return False
         with timed("compiling the standard transformers", self.device):
-            for model in self.models.values():
-                with_slot_compiled(model.text_to_image.transformer, fast.standard_lora_rank, fast, model.name)
-                warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+            try:
+                for model in self.models.values():
+                    with_slot_compiled(model.text_to_image.transformer, fast.standard_lora_rank, fast, model.name)
+                    warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+            except Exception as error:  # a compiler that fails: the server runs eager rather than not at all
+                log.warning("Standard path: compiling failed (%s); it runs eager.", first_line(error))
+                for model in self.models.values():
+                    uncompiled(model.text_to_image.transformer)
+                    if getattr(model.text_to_image.transformer, "peft_config", None):
+                        model.text_to_image.transformer.unload_lora()  # the slot out: plain modules again
+                return False
         return True
 
     @torch.inference_mode()

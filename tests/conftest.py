@@ -36,7 +36,15 @@ def unsafe_demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModelPat
 
 
 def predictor_env(models: DemoModelPaths, lora_cache: Path, **extra: str) -> dict[str, str]:
-    return {**demo_model_env(models), "FLUX_DEVICE": "cpu", "FLUX_LORA_CACHE_DIR": str(lora_cache), **extra}
+    """A test predictor's settings: the demo model on CPU, and its caches (LoRAs; the compile cache, which
+    would otherwise go to flux-weights/) in the test's own folders."""
+    return {
+        **demo_model_env(models),
+        "FLUX_DEVICE": "cpu",
+        "FLUX_LORA_CACHE_DIR": str(lora_cache),
+        "FLUX_COMPILE_CACHE_DIR": str(lora_cache.with_name(f"{lora_cache.name}-compile-cache")),
+        **extra,
+    }
 
 
 def make_predictor(env: dict[str, str], class_name: str = "Predictor") -> Any:

@@ -360,11 +360,11 @@ class PredictRun:
         return (self.cwd / name).read_bytes()
 
 
-def run_predict(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_predict(cwd: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(REPO / "script" / "predict"), *args],
         cwd=cwd,
-        env=script_env(cwd / "lora-cache"),
+        env=script_env(cwd / "lora-cache", **(extra_env or {})),
         capture_output=True,
         text=True,
         timeout=300,
