@@ -213,6 +213,8 @@ class Bench:
             lora_rank=a.slot_rank,
             compile_cache_dir=a.compile_cache,
             gpu_reserve_bytes=int(a.reserve_gib * 2**30),
+            standard_compile=not a.no_compile,
+            standard_lora_rank=a.standard_slot_rank,
         )
         configure_compile_cache(self.fast_settings)
         if a.tiny:
@@ -239,12 +241,39 @@ class Bench:
                 self.row(f"{name}: fp8 copy", "skipped by the server's memory check (see log); go_fast runs bf16")
         from torch._dynamo.utils import counters
 
+        from engine.compile_cache import artifacts_name, load_artifacts, save_artifacts
+        from engine.fast import with_slot_compiled
+        from engine.pipelines import standard_slots_shortfall
+
+        # As Engine does: the compile cache file (in --compile-cache, beside inductor's own) loaded before
+        # compiling, written after when there was none.
+        artifacts = Path(a.compile_cache) / artifacts_name(self.fast_settings, self.device, self.dtype)
+        loaded = not a.no_compile and load_artifacts(artifacts)
         start = time.perf_counter()
         for model in self.models.values():
             if model.fast_pipelines and not a.no_compile:
                 warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
         self.sync()
         self.row(f"setup: compile (server warm-up, both models), {label} cache", f"{time.perf_counter() - start:.1f} s")
+        # The standard path as a CUDA server runs it by default: a fixed-rank LoRA slot and compiled blocks.
+        self.standard_compiled = not a.no_compile and standard_slots_shortfall(self.models, self.fast_settings) is None
+        if self.standard_compiled:
+            start = time.perf_counter()
+            for name, model in self.models.items():
+                transformer = model.text_to_image.transformer
+                with_slot_compiled(transformer, a.standard_slot_rank, self.fast_settings, name)
+                warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+            self.sync()
+            self.row(
+                f"setup: standard path slot (rank {a.standard_slot_rank}) + compile, both models, {label} cache",
+                f"{time.perf_counter() - start:.1f} s",
+            )
+        elif not a.no_compile:
+            self.row(
+                "setup: standard path", f"not compiled: {standard_slots_shortfall(self.models, self.fast_settings)}"
+            )
+        if not a.no_compile:
+            self.row("setup: compile cache file", "loaded" if loaded else f"written: {save_artifacts(artifacts)}")
         self.graphs_after_warm_up = counters["stats"]["unique_graphs"]
         self.safety_models = self.build_safety_models()
         if self.device.type == "cuda":
@@ -292,7 +321,8 @@ class Bench:
 
     def speed(self) -> None:
         for model in self.args.models:
-            paths = [("bf16", False)] + ([("go_fast", True)] if self.models[model].fast_pipelines else [])
+            standard = "bf16 compiled" if self.standard_compiled else "bf16"
+            paths = [(standard, False)] + ([("go_fast", True)] if self.models[model].fast_pipelines else [])
             for batch in self.args.batches:
                 for label, fast in paths:
                     # One step at this shape first: cuBLAS and allocator set-up, not the run's cost.
@@ -308,7 +338,7 @@ class Bench:
         batch = self.args.batches[0]
         if (model, "go_fast", batch) not in self.outputs:
             return
-        reference = self.outputs[model, "bf16", batch][-1].float()
+        reference = self.outputs[model, "bf16 compiled" if self.standard_compiled else "bf16", batch][-1].float()
         quick = self.outputs[model, "go_fast", batch]
         relative = ((quick[-1].float() - reference).norm() / reference.norm()).item()
         self.row(f"{model}: go_fast vs bf16 latents, relative L2 difference", f"{relative:.4f}")
@@ -328,14 +358,22 @@ class Bench:
             self.row(f"{model}: text encoding (CLIP + T5, {length} tokens)", f"{self.timed_ms(encode, 5):.1f} ms")
 
     def loras(self) -> None:
+        from lora_loading.adapters import LoraAdapters
         from lora_loading.formats import LoraFile
-        from lora_loading.slots import LoraSlots
+        from lora_loading.slots import LoraSlots, SlotOrAdapters
         from tests.lora_factory import make_peft_lora
 
         model = self.args.models[0]
-        if not self.models[model].fast_pipelines:
-            return
-        slots = LoraSlots(self.pipeline(model, True))
+        # (label, LoRA state, go_fast): the standard path as the server holds it, and go_fast's slot.
+        paths: list[tuple[str, Any, bool]] = [
+            (
+                "bf16 compiled" if self.standard_compiled else "bf16",
+                (SlotOrAdapters if self.standard_compiled else LoraAdapters)(self.pipeline(model, False)),
+                False,
+            )
+        ]
+        if self.models[model].fast_pipelines:
+            paths.append(("go_fast", LoraSlots(self.pipeline(model, True)), True))
 
         def attention_and_mlp(name: str, module: torch.nn.Linear) -> bool:
             return any(part in name for part in (".attn.", ".ff.", ".ff_context.", "proj_mlp", "proj_out"))
@@ -357,18 +395,20 @@ class Bench:
                 )
                 for seed in (1, 2)
             ]
-            self.row(
-                f"{model} go_fast: switch LoRA, rank {rank}, attention + MLP (file on local disk)",
-                f"{self.timed_ms(alternate(slots, files), 5):.1f} ms",
-            )
-            scaled = [LoraFile("bench", files[0].key, files[0].path, scale) for scale in (0.5, 1.0)]
-            self.row(
-                f"{model} go_fast: scale-only change, rank {rank}",
-                f"{self.timed_ms(alternate(slots, scaled), 5):.1f} ms",
-            )
-            ms = self.timed_ms(lambda: self.generate(model, True, 1), 5)
-            self.row(f"{model} go_fast with a rank-{rank} LoRA, batch 1", f"{ms / 1000:.3f} s")
-        slots.apply([])
+            for label, state, fast in paths:
+                self.row(
+                    f"{model} {label}: switch LoRA, rank {rank}, attention + MLP (file on local disk)",
+                    f"{self.timed_ms(alternate(state, files), 5):.1f} ms",
+                )
+                scaled = [LoraFile("bench", files[0].key, files[0].path, scale) for scale in (0.5, 1.0)]
+                self.row(
+                    f"{model} {label}: scale-only change, rank {rank}",
+                    f"{self.timed_ms(alternate(state, scaled), 5):.1f} ms",
+                )
+                ms = self.timed_ms(lambda f=fast: self.generate(model, f, 1), 5)
+                self.row(f"{model} {label} with a rank-{rank} LoRA, batch 1", f"{ms / 1000:.3f} s")
+        for _, state, _ in paths:
+            state.apply([])
 
     def memory_and_recompiles(self) -> None:
         from torch._dynamo.utils import counters
@@ -393,6 +433,7 @@ def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str
     for option in ("models", "batches", "lora_ranks"):
         command += [f"--{option.replace('_', '-')}", ",".join(map(str, getattr(args, option)))]
     command += ["--size", str(args.size), "--steps", str(args.steps), "--slot-rank", str(args.slot_rank)]
+    command += ["--standard-slot-rank", str(args.standard_slot_rank)]
     command += [
         "--reserve-gib",
         str(args.reserve_gib),
@@ -424,6 +465,9 @@ def drive(args: argparse.Namespace) -> None:
         warm = run_child(args, out / "warm-setup", "--parts", "setup")
         rows.update({f"second {name}": value for name, value in warm.items() if name.startswith("setup")})
         rows["second setup, whole process"] = f"{time.perf_counter() - start:.1f} s"
+    # The headline rows (speed, LoRAs) first; setup, cold and then with the cache, after them.
+    setup_rows = {name: value for name, value in rows.items() if name.startswith(("setup", "second setup"))}
+    rows = {**{name: value for name, value in rows.items() if name not in setup_rows}, **setup_rows}
     print("\n| measurement | value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")
@@ -438,7 +482,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=0, help="default: 28 for dev, 4 for schnell")
     parser.add_argument("--lora-ranks", default="16,64")
-    parser.add_argument("--slot-rank", type=int, default=64)
+    parser.add_argument("--slot-rank", type=int, default=64, help="FLUX_FAST_LORA_RANK")
+    parser.add_argument("--standard-slot-rank", type=int, default=128, help="FLUX_LORA_SLOT_RANK")
     parser.add_argument("--reserve-gib", type=float, default=8.0, help="FLUX_GPU_RESERVE_GIB")
     parser.add_argument("--compile-cache", default="/tmp/flux-compile-cache")
     parser.add_argument("--keep-cache", action="store_true", help="start from the compile cache as it is")

@@ -9,8 +9,8 @@ CUDA and Triton versions: a blob from another setup is dead weight, so the file 
 validity depends on (`artifacts_name`) and only a file of this name is loaded. A missing, mismatched
 or unreadable file is skipped with a log line, never an error.
 
-Where: FLUX_COMPILE_CACHE_DIR when set (which also holds inductor's own caches, engine/fast.py),
-else `flux-weights/compile-cache/`, which `.dockerignore` lets into the image with the weights.
+Where: FLUX_COMPILE_CACHE_DIR when set, else `flux-weights/compile-cache/`, which `.dockerignore` lets into
+the image with the weights; inductor's own caches go there too (`keep_inductor_caches_beside`).
 `script/warm-cache` writes it on a GPU machine in the image's environment (README, "The compile
 cache"); a setup that loaded no file of its name writes one after its warm-up.
 """
@@ -38,6 +38,25 @@ SUFFIX = ".torch-compile-cache"
 
 def artifacts_folder(settings: FastSettings) -> Path:
     return Path(settings.compile_cache_dir) if settings.compile_cache_dir else WEIGHTS_FOLDER / "compile-cache"
+
+
+def keep_inductor_caches_beside(settings: FastSettings) -> None:
+    """Without FLUX_COMPILE_CACHE_DIR, inductor's own caches go into the artifacts' folder too, when it can be
+    written, so that script/warm-cache leaves both there for the image to carry: inductor's CPU kernels (built
+    C++) are in its own cache only, not in the artifacts (bench/compile_cpu.py: a setup from the artifacts alone
+    took 0.67 of a cold one, from inductor's own cache 0.29)."""
+    if settings.compile_cache_dir:
+        return  # engine/fast.py configure_compile_cache has put inductor's caches there
+    folder = artifacts_folder(settings)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if writable:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+    else:
+        log.info("Compile cache: %s cannot be written; inductor keeps its caches in a temporary folder.", folder)
 
 
 def artifacts_name(settings: FastSettings, device: torch.device, dtype: torch.dtype) -> str:

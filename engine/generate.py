@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 
 from downloads import redact
-from engine.compile_cache import artifacts_folder, artifacts_name, load_artifacts, save_artifacts
+from engine.compile_cache import (
+    artifacts_folder,
+    artifacts_name,
+    keep_inductor_caches_beside,
+    load_artifacts,
+    save_artifacts,
+)
 from engine.config import Settings
 from engine.fast import (
     FastSettings,
@@ -88,6 +94,8 @@ class Engine:
         # The compile cache this setup loads before compiling and, when it had none, writes after (script/warm-cache
         # reports these).
         self.compile_cache = artifacts_folder(fast) / artifacts_name(fast, self.device, settings.dtype)
+        if compiles:
+            keep_inductor_caches_beside(fast)
         self.compile_cache_loaded = compiles and load_artifacts(self.compile_cache)
         if fast.compile and not self.fast_unavailable:
             with timed("compiling the go_fast transformers", self.device):

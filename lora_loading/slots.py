@@ -180,9 +180,11 @@ class SlotOrAdapters:
         """Applies `loras`; returns why this request cannot run the compiled blocks, or None."""
         reason = self.slots.cannot_hold(loras)
         if reason is None:
-            if self.adapters.loaded_keys:
-                self.adapters.unload()
-                self.slots.pipeline.transformer.set_adapter(SLOT)  # the active one again, whatever peft chose
+            self.adapters.unload()
+            # The slot active again after any peft adapters beside it. diffusers' set_adapter gives every layer
+            # one shared list, which dynamo's guards check by identity across layers; peft's delete_adapter,
+            # after a fallback, gives each layer its own (measured: a recompile per block without this).
+            self.slots.pipeline.transformer.set_adapter(SLOT)
             self.slots.apply(loras)
             return None
         self.slots.switch_off()

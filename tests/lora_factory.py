@@ -45,6 +45,9 @@ def make_peft_lora(
     generator = torch.Generator("cpu").manual_seed(seed)
     state_dict: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
+        if ".lora_" in name:  # a peft adapter's own layers (a server's LoRA slot), not the model's
+            continue
+        name = name.removesuffix(".base_layer")  # the model's layer inside peft's wrapper, by the model's name
         if not isinstance(module, torch.nn.Linear) or not selected(name, module):
             continue
         down = torch.randn(rank, module.in_features, generator=generator) * std

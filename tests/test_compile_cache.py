@@ -119,10 +119,36 @@ def test_a_compiler_that_fails_leaves_the_server_running_eager(tmp_path: Path) -
     (tmp_path / "failed").mkdir()
     (tmp_path / "plain").mkdir()
     extra = {**INDUCTOR, "CXX": "/bin/false", "FLUX_COMPILE_CACHE_DIR": str(tmp_path / "compile-cache")}
+    extra["FLUX_FAST_QUANTIZATION"] = "int8-weight-only"  # a go_fast copy too, whose warm-up fails first
     failed = run_predict(tmp_path / "failed", *args, extra_env=extra)
     assert failed.returncode == 0, failed.stderr[-3000:]
-    assert "Standard path: compiling failed (InductorError: InvalidCxxCompiler" in failed.stderr + failed.stdout
-    assert "; it runs eager." in failed.stderr + failed.stdout
+    log = failed.stderr + failed.stdout
+    assert "go_fast: compiling failed (InductorError: InvalidCxxCompiler" in log
+    assert "; the fast copies run uncompiled." in log
+    assert "Standard path: compiling failed (InductorError: InvalidCxxCompiler" in log
+    assert "; it runs eager." in log
     plain = run_predict(tmp_path / "plain", *args)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert (tmp_path / "failed" / "output.0.png").read_bytes() == (tmp_path / "plain" / "output.0.png").read_bytes()
+
+
+def test_without_a_setting_inductor_keeps_its_caches_beside_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """So that script/warm-cache leaves both in flux-weights/compile-cache/ for the image; a folder that cannot
+    be written leaves inductor where it was, with a log line."""
+    import engine.compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    monkeypatch.setattr(engine.compile_cache, "WEIGHTS_FOLDER", tmp_path / "weights")
+    engine.compile_cache.keep_inductor_caches_beside(settings())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "weights" / "compile-cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    engine.compile_cache.keep_inductor_caches_beside(settings(compile_cache_dir=str(tmp_path / "chosen")))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")  # the setting's own, set elsewhere
+    (tmp_path / "blocked").write_text("a file where the folder would go")
+    monkeypatch.setattr(engine.compile_cache, "WEIGHTS_FOLDER", tmp_path / "blocked")
+    with caplog.at_level(logging.INFO):
+        engine.compile_cache.keep_inductor_caches_beside(settings())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "before")
+    assert "cannot be written; inductor keeps its caches in a temporary folder." in caplog.text

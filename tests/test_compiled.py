@@ -134,10 +134,40 @@ def test_what_the_slot_cannot_hold_runs_eager_and_leaves_no_trace(
     assert list(transformer.peft_config) == [SLOT]
 
 
+def test_a_failed_eager_request_leaves_the_slot_and_the_base_as_they_were(
+    compiled: Any, loras: dict, tmp_path: Path
+) -> None:
+    """A request for the eager route (bias deltas, applied first) whose second file fails in loading (a LoRA for
+    a wider model): the deltas are put back and its adapters deleted, and the slot's LoRA and the base come back
+    byte for byte, compiled."""
+    transformer = compiled.engine.models["dev"].text_to_image.transformer
+    base, styled = png(compiled), png(compiled, replicate_weights=loras["r4"])
+    wide = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(8, 12, 12),
+    )
+    other_model = data_uri(make_peft_lora(wide, tmp_path / "wide.safetensors"))
+    with pytest.raises(InputError, match=r"^Invalid extra_lora: tensor transformer\..* features where this FLUX.1"):
+        png(compiled, replicate_weights=loras["biases"], extra_lora=other_model)
+    assert list(transformer.peft_config) == [SLOT]
+    before = graphs()
+    assert_same_image(png(compiled, replicate_weights=loras["r4"]), styled, "the slot's LoRA after")
+    assert_same_image(png(compiled), base, "the base after")
+    assert graphs() == before
+
+
 def test_no_recompiles_and_no_graph_breaks_after_warm_up(compiled: Any, loras: dict, tmp_path: Path) -> None:
-    """Standard and go_fast requests switching LoRAs (none, ranks 4, 16 and 64, two at once), every aspect
-    ratio at both megapixels, custom sizes, batches 1 to 4, img2img and inpainting: the warm-up's graphs
-    serve them all, and a graph break (which fullgraph would raise on) never happens."""
+    """Standard and go_fast requests switching LoRAs (none, ranks 4, 16 and 64, two at once, and ones that run
+    eager beside the slot), every aspect ratio at both megapixels, custom sizes, batches 1 to 4, img2img and
+    inpainting: the warm-up's graphs serve them all, and a graph break (which fullgraph would raise on) never
+    happens."""
     Image.new("RGB", (400, 240), (10, 20, 30)).save(tmp_path / "in.png")
     Image.new("L", (400, 240), 255).save(tmp_path / "mask.png")
     for go_fast in (False, True):
@@ -152,6 +182,9 @@ def test_no_recompiles_and_no_graph_breaks_after_warm_up(compiled: Any, loras: d
         {"replicate_weights": loras["r4"], "image": tmp_path / "in.png", "num_outputs": 4},
         {"image": tmp_path / "in.png", "mask": tmp_path / "mask.png", "replicate_weights": loras["r16"]},
         {"model": "schnell", "replicate_weights": loras["r64"], "width": 336, "height": 272},
+        {"replicate_weights": loras["r100"]},  # eager beside the slot (standard); go_fast's slot is wider
+        {"replicate_weights": loras["biases"], "num_outputs": 2},  # eager: in-place deltas, on both paths
+        {"replicate_weights": loras["r4"], "num_outputs": 2},  # the slot again, after adapters beside it
         {"width": 512, "height": 384},
     ]
     requests += [
