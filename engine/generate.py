@@ -100,6 +100,8 @@ class Engine:
         if fast.compile and not self.fast_unavailable:
             with timed("compiling the go_fast transformers", self.device):
                 self._warm_up_fast_path()
+        if not self.fast_unavailable and not any(model.fast_pipelines for model in self.models.values()):
+            self.fast_unavailable = "no model has a fast copy (the setup log says why)"
         # After the fast copies, which are built from the plain transformers' state dicts.
         self.standard_compiled = self._compile_standard_path(fast)
         self.compile_cache_written = compiles and not self.compile_cache_loaded and save_artifacts(self.compile_cache)
@@ -146,15 +148,19 @@ class Engine:
         return load_models(self.settings, home=HOME)
 
     def _warm_up_fast_path(self) -> None:
-        # None where the GPU had no room for the fp8 copy
-        fast_models = [model for model in self.models.values() if model.fast_pipelines]
-        try:
-            for model in fast_models:
+        for model in self.models.values():
+            if not model.fast_pipelines:  # None where the GPU had no room for the fp8 copy, or it failed to build
+                continue
+            try:
                 warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
-        except Exception as error:  # a compiler that fails (no C++ compiler, a kernel that does not build)
-            log.warning("go_fast: compiling failed (%s); the fast copies run uncompiled.", first_line(error))
-            for model in fast_models:
-                uncompiled(model.fast_pipelines[Mode.TEXT_TO_IMAGE].transformer)
+            except Exception as error:  # a compiler that fails (no C++ compiler, a kernel that does not build)
+                # The copy goes: this model's go_fast requests take the standard path, which needed none of it.
+                log.warning(
+                    "go_fast: compiling the fast copy of %s failed (%s); its go_fast requests run the standard path.",
+                    model.name,
+                    first_line(error),
+                )
+                model.fast_pipelines = None
 
     def _compile_standard_path(self, fast: FastSettings) -> bool:
         """The standard transformers with a fixed-rank LoRA slot and their blocks compiled, as the fast copies
@@ -195,7 +201,8 @@ class Engine:
             paths = [fetch_lora(lora.input_name, lora.source, self.lora_cache) for lora in wanted]
         fast = request.go_fast and model.fast_pipelines is not None
         if request.go_fast and not fast and not self._explained_go_fast:
-            log.info("go_fast: %s; running the standard path.", self.fast_unavailable)
+            why = self.fast_unavailable or f"FLUX.1 {model.name} has no fast copy (the setup log says why)"
+            log.info("go_fast: %s; running the standard path.", why)
             self._explained_go_fast = True
         reasons = [reason for reason in map(standard_path_reason, paths) if reason] if fast else []
         if reasons:

@@ -22,7 +22,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from engine.config import Settings
-from engine.fast import FastSettings, build_fast_transformer, slot_bytes
+from engine.fast import FastSettings, build_fast_transformer, first_line, slot_bytes
 from engine.inputs import Mode
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,13 @@ def _fast_pipelines(pipeline: FluxPipeline, fast: FastSettings, name: str) -> di
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         log.warning("go_fast: not enough GPU memory for the fp8 copy of %s; its go_fast requests run bf16.", name)
+        return None
+    except Exception as error:  # torchao refusing the hardware, a quantization that does not build: serve bf16
+        log.warning(
+            "go_fast: building the fast copy of %s failed (%s); its go_fast requests run the standard path.",
+            name,
+            first_line(error),
+        )
         return None
     return _for_all_modes(share_modules(FluxPipeline, pipeline, transformer=transformer))
 

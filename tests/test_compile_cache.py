@@ -1,5 +1,6 @@
-"""The compile cache a deployment carries (engine/compile_cache.py, script/warm-cache), and setup surviving a
-compiler that fails.
+"""The compile cache a deployment carries (engine/compile_cache.py, script/warm-cache), and setup surviving the
+fast path's and the compiler's real failures (a C++ compiler that fails under inductor; fp8 refused by the
+hardware), each serving the standard path's bytes.
 
 The end-to-end tests run script/warm-cache itself with inductor on CPU (about a minute each cold): a first
 setup compiles and writes the file; a second, given a folder holding only that file (inductor's own on-disk
@@ -110,26 +111,44 @@ def test_a_second_setup_loads_the_file_and_compiles_nothing_new(tmp_path: Path) 
     assert used["graphs"] == made["graphs"]
 
 
+TXT2IMG = ("-i", "prompt=a cat", "-i", "aspect_ratio=custom", "-i", "width=256", "-i", "height=256")
+TXT2IMG += ("-i", "num_inference_steps=2", "-i", "output_format=png", "-i", "seed=3")
+
+
+def predicted(folder: Path, *args: str, **env: str) -> tuple[str, bytes]:
+    """script/predict in `folder`: its log, and the image it wrote."""
+    folder.mkdir()
+    run = run_predict(folder, *args, extra_env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stderr + run.stdout, (folder / "output.0.png").read_bytes()
+
+
 @needs_a_compiler
 def test_a_compiler_that_fails_leaves_the_server_running_eager(tmp_path: Path) -> None:
-    """No working C++ compiler for inductor: setup logs why and serves every request eager, with the bytes of
-    a server that never compiled."""
-    args = ("-i", "prompt=a cat", "-i", "aspect_ratio=custom", "-i", "width=256", "-i", "height=256")
-    args += ("-i", "num_inference_steps=2", "-i", "output_format=png", "-i", "seed=3")
-    (tmp_path / "failed").mkdir()
-    (tmp_path / "plain").mkdir()
-    extra = {**INDUCTOR, "CXX": "/bin/false", "FLUX_COMPILE_CACHE_DIR": str(tmp_path / "compile-cache")}
-    extra["FLUX_FAST_QUANTIZATION"] = "int8-weight-only"  # a go_fast copy too, whose warm-up fails first
-    failed = run_predict(tmp_path / "failed", *args, extra_env=extra)
-    assert failed.returncode == 0, failed.stderr[-3000:]
-    log = failed.stderr + failed.stdout
-    assert "go_fast: compiling failed (InductorError: InvalidCxxCompiler" in log
-    assert "; the fast copies run uncompiled." in log
+    """No working C++ compiler for inductor (the real failure, not a mock): setup logs why for the go_fast copy
+    and for the standard path, and a go_fast request gets the bytes of a server that never compiled."""
+    env = {**INDUCTOR, "CXX": "/bin/false", "FLUX_COMPILE_CACHE_DIR": str(tmp_path / "compile-cache")}
+    env["FLUX_FAST_QUANTIZATION"] = "int8-weight-only"  # a go_fast copy too, whose warm-up fails first
+    log, image = predicted(tmp_path / "failed", *TXT2IMG, "-i", "go_fast=true", **env)
+    assert "go_fast: compiling the fast copy of dev failed (InductorError: InvalidCxxCompiler" in log
+    assert "; its go_fast requests run the standard path." in log
     assert "Standard path: compiling failed (InductorError: InvalidCxxCompiler" in log
     assert "; it runs eager." in log
-    plain = run_predict(tmp_path / "plain", *args)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    assert (tmp_path / "failed" / "output.0.png").read_bytes() == (tmp_path / "plain" / "output.0.png").read_bytes()
+    _, plain = predicted(tmp_path / "plain", *TXT2IMG)
+    assert image == plain
+
+
+def test_fp8_refused_by_the_hardware_leaves_go_fast_on_the_standard_path(tmp_path: Path) -> None:
+    """torchao's own refusal of dynamic fp8 on a machine without it (here: a CPU), at quantize time: setup
+    goes on, and a go_fast request gets the standard path's bytes."""
+    bf16 = {"FLUX_DTYPE": "bfloat16", "FLUX_COMPILE_CACHE_DIR": str(tmp_path / "compile-cache")}
+    log, image = predicted(
+        tmp_path / "refused", *TXT2IMG, "-i", "go_fast=true", FLUX_FAST_QUANTIZATION="float8-dynamic", **bf16
+    )
+    assert "go_fast: building the fast copy of dev failed (AssertionError: " in log
+    assert "go_fast: no model has a fast copy (the setup log says why); running the standard path." in log
+    _, plain = predicted(tmp_path / "plain", *TXT2IMG, **bf16)
+    assert image == plain
 
 
 def test_without_a_setting_inductor_keeps_its_caches_beside_the_file(
