@@ -43,8 +43,8 @@ def artifacts_folder(settings: FastSettings) -> Path:
 def keep_inductor_caches_beside(settings: FastSettings) -> None:
     """Without FLUX_COMPILE_CACHE_DIR, inductor's own caches go into the artifacts' folder too, when it can be
     written, so that script/warm-cache leaves both there for the image to carry: inductor's CPU kernels (built
-    C++) are in its own cache only, not in the artifacts (bench/compile_cpu.py: a setup from the artifacts alone
-    took 0.67 of a cold one, from inductor's own cache 0.29)."""
+    C++) are in its own cache only, not in the artifacts (bench/compile_cpu.py, two runs: the compile phase of a
+    setup from the artifacts alone took 0.67 and 0.68 of a cold one, from inductor's own cache 0.29)."""
     if settings.compile_cache_dir:
         return  # engine/fast.py configure_compile_cache has put inductor's caches there
     folder = artifacts_folder(settings)
