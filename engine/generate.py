@@ -305,7 +305,6 @@ class Engine:
         """Fetched first, then applied: a failed download leaves the model untouched. The request's files are
         held while it loads them and kept by the cache's eviction, which runs once they are all here.
         Returns why the request cannot run compiled blocks (SlotOrAdapters), or None."""
-        eager = None
         with ExitStack() as held:
             try:
                 held.enter_context(self.lora_cache.in_use(paths))
@@ -323,11 +322,7 @@ class Engine:
             try:
                 with each_file_read_once():
                     self.text_encoder_loras.apply(files)
-                    state = self.loras[model, fast]
-                    if isinstance(state, SlotOrAdapters):
-                        eager = state.apply(files)
-                    else:
-                        state.apply(files)
+                    eager = self.loras[model, fast].apply(files)
             except BaseException:
                 self.text_encoder_loras.unload()  # nothing of a failed request stays applied
                 raise

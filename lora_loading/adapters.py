@@ -62,7 +62,9 @@ class LoraAdapters:
         self.adapters: list[tuple[str, int]] = []  # (adapter name, index of its LoRA) for files with a transformer part
         self.changes: list[Placed] = []  # made in place (deltas.py), each following its LoRA's scale
 
-    def apply(self, loras: Sequence[LoraFile]) -> None:
+    def apply(self, loras: Sequence[LoraFile]) -> str | None:
+        """Applies `loras`; None, as every LoRA state's `apply` says why a request must run eager (SlotOrAdapters):
+        these adapters are on a transformer that is not compiled."""
         keys = tuple(lora.key for lora in loras)
         if keys != self.loaded_keys:
             self._reload(loras)
@@ -77,6 +79,7 @@ class LoraAdapters:
         elif self.adapters:
             transformer.disable_adapters()
         self.in_place.set_scaled(self.changes, [lora.scale for lora in loras])
+        return None
 
     def _reload(self, loras: Sequence[LoraFile]) -> None:
         self.unload()

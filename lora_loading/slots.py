@@ -97,12 +97,13 @@ class LoraSlots:
         """The slot out of the computation, its content kept: peft adapters beside it take over."""
         self.pipeline.transformer.disable_adapters()
 
-    def apply(self, loras: Sequence[LoraFile]) -> None:
+    def apply(self, loras: Sequence[LoraFile]) -> str | None:
+        """Writes `loras` into the slot; None: the compiled graphs take any slot content (see SlotOrAdapters)."""
         transformer = self.pipeline.transformer
         self.in_place.restore()
         if not loras:
             transformer.disable_adapters()
-            return
+            return None
         wanted = tuple((lora.key, lora.scale) for lora in loras)
         stacked = [(self._factors(lora), lora.scale) for lora in loras]
         widths = [_rank(factors) for factors, _ in stacked]
@@ -126,6 +127,7 @@ class LoraSlots:
         transformer.enable_adapters()
         # Keep only what this request uses, so memory does not grow with every LoRA seen.
         self.factors = {lora.key: self.factors[lora.key] for lora in loras}
+        return None
 
     def _factors(self, lora: LoraFile) -> Factors:
         if lora.key not in self.factors:

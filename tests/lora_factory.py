@@ -60,3 +60,22 @@ def make_peft_lora(
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state_dict, str(path))
     return path
+
+
+def another_models_lora(path: Path | str) -> Path:
+    """A LoRA for a FLUX transformer of other widths than the demo model's (attention 2 x 32 against its own):
+    every tensor the predictor must refuse as trained for a different model."""
+    from diffusers import FluxTransformer2DModel
+
+    wider = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(8, 12, 12),
+    )
+    return make_peft_lora(wider, path)

@@ -23,7 +23,7 @@ from errors import InputError
 from lora_loading.slots import SLOT, slot_rank
 from tests.compare import assert_images_close, assert_same_image
 from tests.conftest import data_uri, fast, make_predictor, predictor_env
-from tests.lora_factory import make_peft_lora
+from tests.lora_factory import another_models_lora, make_peft_lora
 
 SLOT_RANK = 96
 COMPILED_ENV = {
@@ -142,18 +142,7 @@ def test_a_failed_eager_request_leaves_the_slot_and_the_base_as_they_were(
     byte for byte, compiled."""
     transformer = compiled.engine.models["dev"].text_to_image.transformer
     base, styled = png(compiled), png(compiled, replicate_weights=loras["r4"])
-    wide = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(8, 12, 12),
-    )
-    other_model = data_uri(make_peft_lora(wide, tmp_path / "wide.safetensors"))
+    other_model = data_uri(another_models_lora(tmp_path / "wide.safetensors"))
     with pytest.raises(InputError, match=r"^Invalid extra_lora: tensor transformer\..* features where this FLUX.1"):
         png(compiled, replicate_weights=loras["biases"], extra_lora=other_model)
     assert list(transformer.peft_config) == [SLOT]

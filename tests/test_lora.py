@@ -17,7 +17,7 @@ from diffusers import FluxTransformer2DModel
 from errors import InputError
 from tests.conftest import data_uri, fast, make_predictor, predictor_env
 from tests.fake_hosts import FakeHost, start_fake_host
-from tests.lora_factory import make_peft_lora
+from tests.lora_factory import another_models_lora, make_peft_lora
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +130,7 @@ def test_a_lora_matching_no_layer_fails_and_changes_nothing(
 
 def test_a_lora_for_another_model_size_fails_and_changes_nothing(predictor: Any, loras: dict, tmp_path: Path) -> None:
     styled = png(predictor, replicate_weights=data_uri(loras["style"]))
-    wide = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(8, 12, 12),
-    )
-    path = make_peft_lora(wide, tmp_path / "wide.safetensors")
+    path = another_models_lora(tmp_path / "wide.safetensors")
     with pytest.raises(InputError, match=r"^Invalid extra_lora: tensor transformer\..* features where this FLUX.1"):
         png(predictor, replicate_weights=data_uri(loras["style"]), extra_lora=data_uri(path))
     # The main LoRA that loaded before the failure was removed too; asking again rebuilds it.

@@ -338,6 +338,7 @@ def test_a_complete_fal_kontext_file_loads_as_diffusers_own_reader_loads_it(flux
     theirs = FluxPipeline.lora_state_dict(dict(state_dict))
     assert ours.keys() == theirs.keys()
     assert len({key.rsplit(".lora_", 1)[0] for key in ours}) == 19 * 14 + 38 * 6 + 1
+    # Exact on any machine: without alphas both routes only copy, slice and multiply by exactly 1.0, no sums.
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
