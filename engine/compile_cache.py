@@ -69,7 +69,7 @@ def artifacts_name(settings: FastSettings, device: torch.device, dtype: torch.dt
     versions = f"torch{torch.__version__}-triton{_version('triton')}"
     compiled = {
         "backend": settings.compile_backend,
-        "fast": [settings.compile, settings.quantization, settings.lora_rank],
+        "fast": [settings.compile, settings.quantization, settings.fast_lora, settings.lora_rank],
         "standard": [settings.compile_standard(device), settings.standard_lora_rank],
         "dtype": str(dtype),
     }

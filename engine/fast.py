@@ -10,14 +10,19 @@ Every optimisation is an explicit switch (environment variables, read into FastS
   modes share compiled graphs. Unset, the fast copy is compiled, and the standard transformer on
   CUDA only; `1` compiles both on any device, `0` neither (`compile_standard`);
 - FLUX_COMPILE_CACHE_DIR: where inductor keeps its caches, so a second start is fast;
-- FLUX_FAST_LORA_RANK: the rank of the LoRA slot the fast transformer carries (it grows);
-  FLUX_LORA_SLOT_RANK: the compiled standard transformer's (fixed: a wider request runs eager);
+- FLUX_FAST_LORA: where go_fast's LoRA pairs go (lora_loading/merged.py): `slot` (default), a LoRA
+  slot on the fast copy, unmerged in bf16; `merged`, quantize(W + s·B·A) written into the copy's
+  weights, so a step costs what it costs without a LoRA. Everything else a LoRA holds (DoRA, LoKr,
+  `.diff`) is merged either way; the README's fidelity table says why pairs default to the slot;
+- FLUX_FAST_LORA_RANK: the rank of that slot (it grows); FLUX_LORA_SLOT_RANK: the compiled standard
+  transformer's (fixed: a wider request runs eager);
 - FLUX_GPU_RESERVE_GIB: GPU memory kept free for activations when deciding whether an
   fp8 copy fits (default 8).
 
 The fast copy shares every non-Linear tensor with the bf16 transformer (loaded by
 `load_state_dict(assign=True)` into a meta skeleton), so it costs only its quantized
-Linear weights, and the bf16 model is never modified.
+Linear weights, and the bf16 model is never modified: a LoRA is merged by quantizing the
+bf16 weight plus the LoRA's update into the copy's weight (`weight_quantizer`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel
 
 from lora_loading.slots import add_lora_slot
+from lora_loading.text_encoders import linear_layers
 
 log = logging.getLogger(__name__)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -48,6 +55,7 @@ class FastSettings:
     gpu_reserve_bytes: int = 8 * 2**30
     standard_compile: bool | None = None  # the standard transformer; None: on CUDA only
     standard_lora_rank: int = 128
+    fast_lora: str = "slot"  # or "merged"
 
     @classmethod
     def from_env(cls) -> FastSettings:
@@ -61,6 +69,7 @@ class FastSettings:
             gpu_reserve_bytes=int(float(os.environ.get("FLUX_GPU_RESERVE_GIB", "8")) * 2**30),
             standard_compile={"1": True, "0": False}.get(switch),
             standard_lora_rank=int(os.environ.get("FLUX_LORA_SLOT_RANK", "128")),
+            fast_lora=os.environ.get("FLUX_FAST_LORA", "slot"),
         )
 
     def compile_standard(self, device: torch.device) -> bool:
@@ -71,6 +80,8 @@ def fast_path_unavailable(settings: FastSettings, device: torch.device, dtype: t
     """Why go_fast must run the standard path here, or None when the fast path can be built."""
     if settings.quantization == "off":
         return "FLUX_FAST_QUANTIZATION is off"
+    if settings.fast_lora not in ("slot", "merged"):
+        return f"FLUX_FAST_LORA={settings.fast_lora!r} is not one of slot, merged"
     if settings.quantization not in ("auto", *NAMED_CONFIGS):
         return f"FLUX_FAST_QUANTIZATION={settings.quantization!r} is not one of auto, off, " + ", ".join(NAMED_CONFIGS)
     if settings.quantization == "auto":
@@ -130,8 +141,44 @@ def build_fast_transformer(
         settings.quantization if settings.quantization != "auto" else "fp8 per-row",
         time.perf_counter() - start,
     )
-    # After quantizing: the slot's own lora_A/lora_B layers stay in the compute dtype.
-    return with_slot_compiled(fast, settings.lora_rank, settings if settings.compile else None, f"go_fast {name}")
+    label = f"go_fast {name}"
+    if settings.fast_lora == "slot":
+        # After quantizing: the slot's own lora_A/lora_B layers stay in the compute dtype.
+        add_lora_slot(fast, settings.lora_rank)
+        label += f" (a rank-{settings.lora_rank} LoRA slot)"
+    if settings.compile:
+        compiled(fast, settings, label)
+    return fast
+
+
+def weight_quantizer(settings: FastSettings) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A bf16 weight -> its quantized tensor, made as `build_fast_transformer` made the copy's (quantize_ on
+    a Linear holding it), so that quantizing a layer's own weight again gives the copy's bytes back."""
+    from torchao.quantization import quantize_
+
+    config = _quantization_config(settings.quantization)
+
+    def quantized(weight: torch.Tensor) -> torch.Tensor:
+        with torch.device("meta"):
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        quantize_(layer, config)
+        return layer.weight
+
+    return quantized
+
+
+def quantized_twins(standard: torch.nn.Module, fast: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """By id of each bf16 Linear weight: the fast copy's quantized weight built from it. Layers torchao left
+    alone (a width its kernels do not take) share the bf16 weight, and are not here."""
+    from torchao.utils import TorchAOBaseTensor
+
+    fast_layers = linear_layers(fast)
+    return {
+        id(layer.weight): fast_layers[name].weight
+        for name, layer in linear_layers(standard).items()
+        if isinstance(fast_layers[name].weight, TorchAOBaseTensor)
+    }
 
 
 def slot_bytes(transformer: torch.nn.Module, rank: int) -> int:
@@ -143,23 +190,24 @@ def slot_bytes(transformer: torch.nn.Module, rank: int) -> int:
 
 
 def with_slot_compiled(
-    transformer: FluxTransformer2DModel, rank: int, settings: FastSettings | None, name: str
+    transformer: FluxTransformer2DModel, rank: int, settings: FastSettings, name: str
 ) -> FluxTransformer2DModel:
-    """One mechanism for both transformers: a LoRA slot of `rank` on every Linear (lora_loading/slots.py),
-    so that switching LoRAs writes tensors instead of changing modules, and (with `settings`) regional
-    compilation of the repeated blocks."""
+    """The compiled standard transformer: a LoRA slot of `rank` on every Linear (lora_loading/slots.py),
+    so that switching LoRAs writes tensors instead of changing modules, then its blocks compiled."""
     add_lora_slot(transformer, rank)
-    if settings is None:
-        log.info("%s: a rank-%d LoRA slot, not compiled.", name, rank)
-        return transformer
+    return compiled(transformer, settings, f"{name} (a rank-{rank} LoRA slot)")
+
+
+def compiled(transformer: FluxTransformer2DModel, settings: FastSettings, name: str) -> FluxTransformer2DModel:
+    """Regional compilation of the repeated blocks, as diffusers' `compile_repeated_blocks` does it."""
     # Every block of both models shares one compiled code object, with an entry for each
-    # slot state, batch 1 or more, slot rank and quantization: past dynamo's default
-    # limit of 8, a fullgraph compile raises instead of running the request.
+    # slot state, batch 1 or more, and quantization: past dynamo's default limit of 8, a
+    # fullgraph compile raises instead of running the request.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # dynamic=True: one graph serves every size and batch size, so a new aspect ratio,
     # custom size or img2img input does not recompile.
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=settings.compile_backend)
-    log.info("%s: a rank-%d LoRA slot, blocks compiled (%s).", name, rank, settings.compile_backend)
+    log.info("%s: blocks compiled (%s).", name, settings.compile_backend)
     return transformer
 
 

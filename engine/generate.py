@@ -30,7 +30,9 @@ from engine.fast import (
     configure_compile_cache,
     fast_path_unavailable,
     first_line,
+    quantized_twins,
     uncompiled,
+    weight_quantizer,
     with_slot_compiled,
 )
 from engine.inputs import LoraRequest, Mode, Request
@@ -38,8 +40,9 @@ from engine.offload import HOME, Offload
 from engine.outputs import clear_folder, save_images
 from engine.pipelines import FluxModel, load_models, standard_slots_shortfall
 from lora_loading.adapters import LoraAdapters, TextEncoderLoras
-from lora_loading.deltas import ParameterDeltas
-from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora, standard_path_reason
+from lora_loading.deltas import ParameterDeltas, QuantizedCopies
+from lora_loading.formats import LoraFile, check_lora_matches, each_file_read_once, read_lora
+from lora_loading.merged import FastLoras
 from lora_loading.slots import LoraSlots, SlotOrAdapters
 from safety import SafetyChecker
 from weights import LoraCache, fetch_lora
@@ -118,13 +121,7 @@ class Engine:
         self.text_encoder_loras = TextEncoderLoras(
             {"text_encoder": dev.text_encoder, "text_encoder_2": dev.text_encoder_2}
         )
-        self.loras: dict[tuple[str, bool], LoraAdapters | LoraSlots | SlotOrAdapters] = {}
-        for name, model in self.models.items():
-            in_place = ParameterDeltas()  # the fast copy shares the bf16 biases: one state for both paths
-            standard = SlotOrAdapters if self.standard_compiled else LoraAdapters
-            self.loras[name, False] = standard(model.text_to_image, in_place)
-            if model.fast_pipelines:
-                self.loras[name, True] = LoraSlots(model.fast_pipelines[Mode.TEXT_TO_IMAGE], in_place)
+        self.loras = lora_states(self.models, self.standard_compiled, fast)
         self.lora_cache = LoraCache.from_env()
         self.output_folder = Path(tempfile.mkdtemp(prefix="flux-outputs-"))
         self._explained_go_fast = False
@@ -204,15 +201,6 @@ class Engine:
             why = self.fast_unavailable or f"FLUX.1 {model.name} has no fast copy (the setup log says why)"
             log.info("go_fast: %s; running the standard path.", why)
             self._explained_go_fast = True
-        reasons = [reason for reason in map(standard_path_reason, paths) if reason] if fast else []
-        if reasons:
-            # The fp8 copy's LoRA slot holds LoRA pairs only; the bf16 model takes these exactly.
-            log.info(
-                "go_fast: a LoRA of this request has %s, which the fast path cannot hold; this request runs "
-                "the standard path.",
-                reasons[0],
-            )
-            fast = False
         pipeline = model.pipeline(request.mode, fast)
         self.make_resident(model)
         seed = request.seed if request.seed is not None else random_seed()
@@ -331,12 +319,38 @@ class Engine:
         return eager
 
 
+LoraState = LoraAdapters | SlotOrAdapters | FastLoras
+
+
+def lora_states(
+    models: dict[str, FluxModel], standard_compiled: bool, fast: FastSettings
+) -> dict[tuple[str, bool], LoraState]:
+    """Each model's LoRA state, by (model, go_fast): peft adapters on the standard path (beside its slot when
+    compiled); on the go_fast copy, LoRA pairs in its slot (or merged, FLUX_FAST_LORA=merged) and the rest
+    merged into its weights. Both states of a model share one record of what is changed in place: the copy
+    holds the bf16 model's own biases and norms."""
+    states: dict[tuple[str, bool], LoraState] = {}
+    for name, model in models.items():
+        in_place = ParameterDeltas()
+        standard = SlotOrAdapters if standard_compiled else LoraAdapters
+        states[name, False] = standard(model.text_to_image, in_place)
+        if model.fast_pipelines:
+            copy = model.fast_pipelines[Mode.TEXT_TO_IMAGE]
+            twins = QuantizedCopies(
+                quantized_twins(model.text_to_image.transformer, copy.transformer), weight_quantizer(fast)
+            )
+            slot = LoraSlots(copy, in_place) if fast.fast_lora == "slot" else None
+            states[name, True] = FastLoras(model.text_to_image, in_place, twins, slot)
+    return states
+
+
 @torch.inference_mode()
 def warm_up_compiled_pipeline(pipeline: Any, max_sequence_length: int) -> None:
     """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
-    specialises a dimension of size 1), with the LoRA slot off and on. Small and one step:
-    with dynamic shapes, the real sizes reuse these graphs."""
-    for lora_on in (False, True):
+    specialises a dimension of size 1), with the LoRA slot, where there is one, off and on.
+    Small and one step: with dynamic shapes, the real sizes reuse these graphs."""
+    slot = bool(getattr(pipeline.transformer, "peft_config", None))
+    for lora_on in (False, True) if slot else (False,):
         if lora_on:
             pipeline.transformer.enable_adapters()
         for batch in (1, 2):
@@ -349,7 +363,8 @@ def warm_up_compiled_pipeline(pipeline: Any, max_sequence_length: int) -> None:
                 max_sequence_length=max_sequence_length,
                 output_type="latent",
             )
-    pipeline.transformer.disable_adapters()
+    if slot:
+        pipeline.transformer.disable_adapters()
 
 
 def _unique_loras(loras: tuple[LoraRequest, ...]) -> list[LoraRequest]:

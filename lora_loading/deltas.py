@@ -15,7 +15,7 @@ would otherwise hold a second transformer in GPU memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,37 +100,92 @@ Change = Delta | Recomposed
 Placed = tuple[tuple[torch.nn.Parameter, ...], Change, int]
 
 
+class QuantizedCopies:
+    """Where go_fast's changes to the transformer's Linear weights go: into the quantized copy's weights.
+
+    Each quantized weight is rewritten in place as quantize(W + changes), computed from the bf16 weight W
+    it was built from, which this never changes; reset writes quantize(W) back, the copy's own bytes (the
+    same quantizer, the same input). Same shapes, dtypes and tensors, so compiled graphs take any LoRA
+    without a recompile, and a step costs what it costs without one."""
+
+    def __init__(self, twins: dict[int, torch.Tensor], quantize: Callable[[torch.Tensor], torch.Tensor]):
+        self.twins = twins  # by id of a bf16 weight: the quantized weight built from it
+        self.quantize = quantize  # a bf16 weight -> its quantized tensor, as the copy was built
+
+    def holds(self, parameter: torch.nn.Parameter) -> bool:
+        return id(parameter) in self.twins
+
+    def write(self, parameter: torch.nn.Parameter, value: torch.Tensor) -> None:
+        copy_quantized(self.twins[id(parameter)], self.quantize(value.to(parameter.dtype)))
+
+    def reset(self, parameter: torch.nn.Parameter) -> None:
+        copy_quantized(self.twins[id(parameter)], self.quantize(parameter.detach()))
+
+
+def copy_quantized(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copies a quantized tensor's contents into another of the same layout, inner tensor by inner tensor
+    (torchao's tensor subclasses list theirs in `__tensor_flatten__`: fp8 data and per-row scales, say)."""
+    if not hasattr(target, "__tensor_flatten__"):
+        target.copy_(source)
+        return
+    names, _ = target.__tensor_flatten__()
+    source_names, _ = source.__tensor_flatten__()
+    if names != source_names or type(target) is not type(source):
+        raise TypeError(f"cannot copy a {type(source).__name__} {source_names} into a {type(target).__name__} {names}")
+    for name in names:
+        copy_quantized(getattr(target, name), getattr(source, name))
+
+
 class ParameterDeltas:
-    """Changes made to parameters in place, and the exact originals kept to put back.
+    """Changes made to parameters, and how to take them back exactly.
 
-    One per transformer: its go_fast copy shares the bf16 biases, so both paths of a model see what
-    this holds, and each request sets it (the fast path to nothing). The text encoders have one too."""
+    Each parameter's new value is computed once, in float32, from all the changes that take it, and
+    written once: into the parameter itself, whose exact original is kept on the CPU (a LoKr over every
+    layer of FLUX.1 would otherwise hold a second transformer in GPU memory); or, with `quantized`, into
+    the quantized copy of a bf16 weight (go_fast), the bf16 weight left as it is. Parameters that share a
+    change (a BFL layer fused from several modules) are computed together, one group at a time, so the
+    extra memory is one group's.
 
-    def __init__(self) -> None:
-        self.originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    The standard path has one per transformer, shared with its go_fast copy, whose biases and norms are
+    the bf16 model's own tensors; the go_fast path has a second, with `quantized`, for the Linear weights.
+    The text encoders have one too."""
+
+    def __init__(self, quantized: QuantizedCopies | None = None) -> None:
+        self.quantized = quantized
+        # By id: each changed parameter, with its exact original on the CPU (None where `quantized` holds it).
+        self.changed: dict[int, tuple[torch.nn.Parameter, torch.Tensor | None]] = {}
         self.current: tuple[tuple[tuple[int, ...], int, float], ...] = ()
 
     @torch.no_grad()
     def set(self, changes: Sequence[tuple[tuple[torch.nn.Parameter, ...], Change, float]]) -> None:
         """(parameters, change, scale) each, in order: a Delta adds scale x delta to its one parameter, a
         Recomposed recomposes its parameters' weights; nothing given: the originals. The same changes at
-        the same scales as now change nothing, so a repeated request copies no weights."""
+        the same scales as now change nothing, so a repeated request copies no weights. On any failure
+        (a cancel included) every parameter is put back."""
         wanted = tuple((tuple(map(id, parameters)), id(change), scale) for parameters, change, scale in changes)
         if wanted == self.current:
             return
-        self.restore()
+        self.current = ()  # until the writes complete, what the parameters hold is unknown
         try:
-            for parameters, change, scale in changes:
-                for parameter in parameters:
-                    if id(parameter) not in self.originals:
-                        self.originals[id(parameter)] = (parameter, parameter.detach().to("cpu", copy=True))
-                if isinstance(change, Delta):
-                    (parameter,) = parameters
-                    parameter.add_((change.on(parameter.device) * scale).to(parameter.dtype))
-                    continue
-                values = change.apply([parameter.float() for parameter in parameters], scale)
-                for parameter, value in zip(parameters, values, strict=True):
-                    parameter.copy_(value.to(parameter.dtype))
+            taken = {id(parameter) for parameters, _, _ in changes for parameter in parameters}
+            for key in [key for key in self.changed if key not in taken]:
+                self._reset(key)
+            for group in _groups(changes):
+                values: dict[int, torch.Tensor] = {}
+                for parameters, change, scale in group:
+                    for parameter in parameters:
+                        if id(parameter) not in values:
+                            values[id(parameter)] = self._original(parameter)
+                    if isinstance(change, Delta):
+                        (parameter,) = parameters
+                        values[id(parameter)] += scale * change.on(parameter.device)
+                        continue
+                    recomposed = change.apply([values[id(parameter)] for parameter in parameters], scale)
+                    values.update(zip(map(id, parameters), recomposed, strict=True))
+                for parameters, _, _ in group:
+                    for parameter in parameters:
+                        if id(parameter) in values:
+                            self._write(parameter, values.pop(id(parameter)))
         except BaseException:
             self.restore()
             raise
@@ -143,7 +198,49 @@ class ParameterDeltas:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for parameter, original in self.originals.values():
-            parameter.copy_(original)
-        self.originals = {}
+        for key in list(self.changed):
+            self._reset(key)
         self.current = ()
+
+    def _original(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        """The parameter's value before any change, in float32 on its device."""
+        kept = self.changed.get(id(parameter), (parameter, None))[1]
+        return (parameter if kept is None else kept).to(parameter.device, torch.float32, copy=True)
+
+    def _write(self, parameter: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if self.quantized is not None:
+            self.quantized.write(parameter, value)
+            self.changed[id(parameter)] = (parameter, None)
+            return
+        if id(parameter) not in self.changed:
+            self.changed[id(parameter)] = (parameter, parameter.detach().to("cpu", copy=True))
+        parameter.copy_(value.to(parameter.dtype))
+
+    def _reset(self, key: int) -> None:
+        parameter, original = self.changed[key]
+        if self.quantized is not None:
+            self.quantized.reset(parameter)
+        else:
+            assert original is not None
+            parameter.copy_(original)
+        del self.changed[key]
+
+
+def _groups(
+    changes: Sequence[tuple[tuple[torch.nn.Parameter, ...], Change, float]],
+) -> list[list[tuple[tuple[torch.nn.Parameter, ...], Change, float]]]:
+    """The changes in groups that share no parameter, each group in the changes' own order."""
+    group_of: dict[int, int] = {}
+    groups: dict[int, list[tuple[tuple[torch.nn.Parameter, ...], Change, float]]] = {}
+    for index, change in enumerate(changes):
+        joined = {group_of[id(parameter)] for parameter in change[0] if id(parameter) in group_of}
+        members = [change]
+        for other in sorted(joined):
+            members = groups.pop(other) + members
+        for parameters, _, _ in members:
+            for parameter in parameters:
+                group_of[id(parameter)] = index
+        groups[index] = members
+    # A group merged from others keeps the changes' order: sort by position in `changes`.
+    position = {id(change): index for index, change in enumerate(changes)}
+    return [sorted(members, key=lambda change: position[id(change)]) for _, members in sorted(groups.items())]

@@ -12,10 +12,12 @@ before compiling, and a request only writes tensors into it:
   the base weights are never touched and come back exactly;
 - everything is computed before the first copy, so a failure leaves the slot as it was,
   and a write cut short (a cancel) marks the slot unknown, so the next request rewrites it;
-- a request that wants what the slot already holds writes nothing.
-On the go_fast copy a LoRA whose rank does not fit grows the slot to the next power of two,
-which costs one recompile (logged). The compiled standard transformer carries a slot too, of a
-fixed rank (`SlotOrAdapters`): what it cannot hold runs eager through peft adapters beside it.
+- a request that wants what the slot already holds writes nothing;
+- a request with no LoRA pair for the transformer switches the slot off, so it costs nothing.
+On the go_fast copy (lora_loading/merged.py `FastLoras`) a LoRA whose rank does not fit grows the
+slot to the next power of two, which costs one recompile (logged), and what is not a LoRA pair
+is merged into the quantized weights. The compiled standard transformer carries a slot too, of
+a fixed rank (`SlotOrAdapters`): what it cannot hold runs eager through peft adapters beside it.
 """
 
 from __future__ import annotations
@@ -99,13 +101,21 @@ class LoraSlots:
 
     def apply(self, loras: Sequence[LoraFile]) -> str | None:
         """Writes `loras` into the slot; None: the compiled graphs take any slot content (see SlotOrAdapters)."""
-        transformer = self.pipeline.transformer
         self.in_place.restore()
-        if not loras:
+        self.hold([(lora.key, self._factors(lora), lora.scale) for lora in loras])
+        # Keep only what this request uses, so memory does not grow with every LoRA seen.
+        self.factors = {lora.key: self.factors[lora.key] for lora in loras}
+        return None
+
+    def hold(self, entries: Sequence[tuple[str, Factors, float]]) -> None:
+        """Writes LoRA pairs, (key, factors, scale) each, into the slot. With none, or none that touches a
+        transformer layer (a text-encoder LoRA, or one merged elsewhere), the slot is off: it costs nothing."""
+        transformer = self.pipeline.transformer
+        if not any(factors for _, factors, _ in entries):
             transformer.disable_adapters()
-            return None
-        wanted = tuple((lora.key, lora.scale) for lora in loras)
-        stacked = [(self._factors(lora), lora.scale) for lora in loras]
+            return
+        wanted = tuple((key, scale) for key, _, scale in entries)
+        stacked = [(factors, scale) for _, factors, scale in entries]
         widths = [_rank(factors) for factors, _ in stacked]
         if sum(widths) > slot_rank(transformer) and self.grow:
             # Powers of two: a server sees only a few slot ranks, so a few compiled graphs.
@@ -125,16 +135,13 @@ class LoraSlots:
             self._write(stacked, widths)
             self.written = wanted
         transformer.enable_adapters()
-        # Keep only what this request uses, so memory does not grow with every LoRA seen.
-        self.factors = {lora.key: self.factors[lora.key] for lora in loras}
-        return None
 
     def _factors(self, lora: LoraFile) -> Factors:
         if lora.key not in self.factors:
             to_load, changes = match_lora(self.pipeline, read_lora(lora), lora.input_name)
             if changes or any(key.endswith(DORA_MAGNITUDE) for key in to_load):
-                # The engine sends these to the standard path (standard_path_reason): the slot holds pairs only.
-                raise RuntimeError(f"{lora.input_name}: in-place deltas or DoRA reached the go_fast LoRA slot")
+                # cannot_hold sends these to peft's adapters (standard_path_reason): the slot holds pairs only.
+                raise RuntimeError(f"{lora.input_name}: in-place deltas or DoRA reached the LoRA slot")
             self.factors[lora.key] = lora_factors(to_load)
         return self.factors[lora.key]
 

@@ -46,6 +46,7 @@ def test_the_file_is_named_by_what_its_validity_depends_on() -> None:
         settings(compile_backend="aot_eager"),
         settings(standard_lora_rank=64),
         settings(lora_rank=128),
+        settings(fast_lora="merged"),
         settings(quantization="int8-weight-only"),
         settings(standard_compile=False),
     ]
