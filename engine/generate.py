@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from downloads import redact
+from engine.attention import choose_attention
 from engine.compile_cache import (
     artifacts_folder,
     artifacts_name,
@@ -93,6 +94,8 @@ class Engine:
             self.models: dict[str, FluxModel] = self._load_models(fast)
         if self.fast_unavailable:
             log.info("go_fast: %s, so go_fast requests run the standard path.", self.fast_unavailable)
+        # Before anything is compiled: the kernel is part of the compiled graphs.
+        self.attention = set_attention(self.models, self.device)
         compiles = (fast.compile and not self.fast_unavailable) or fast.compile_standard(self.device)
         # The compile cache this setup loads before compiling and, when it had none, writes after (script/warm-cache
         # reports these).
@@ -317,6 +320,18 @@ class Engine:
         for lora in wanted:
             log.info("LoRA %s %s at scale %g.", lora.input_name, redact(lora.source), lora.scale)
         return eager
+
+
+def set_attention(models: dict[str, FluxModel], device: torch.device) -> str | None:
+    """The attention kernel chosen by FLUX_ATTENTION and a probe (engine/attention.py), set on every transformer,
+    standard and go_fast; None: diffusers' default."""
+    backend = choose_attention(device)
+    if backend:
+        for model in models.values():
+            model.text_to_image.transformer.set_attention_backend(backend)
+            if model.fast_pipelines:
+                model.fast_pipelines[Mode.TEXT_TO_IMAGE].transformer.set_attention_backend(backend)
+    return backend
 
 
 LoraState = LoraAdapters | SlotOrAdapters | FastLoras
