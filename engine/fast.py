@@ -17,7 +17,12 @@ Every optimisation is an explicit switch (environment variables, read into FastS
 - FLUX_FAST_LORA_RANK: the rank of that slot (it grows); FLUX_LORA_SLOT_RANK: the compiled standard
   transformer's (fixed: a wider request runs eager);
 - FLUX_GPU_RESERVE_GIB: GPU memory kept free for activations when deciding whether an
-  fp8 copy fits (default 8).
+  fp8 copy fits (default 8);
+- FLUX_WARM_UP_SIZE and FLUX_WARM_UP_BATCH: the image side and the larger batch setup compiles
+  at (default 1024 and 4, the largest num_outputs). Inductor tunes its kernels (torchao turns
+  coordinate-descent tuning on) for the token counts it first sees, so the warm-up runs the sizes
+  requests use: 4,096 image tokens at batch 1, then the largest batch (dynamo keeps batch 1 and
+  batch > 1 apart). Tests set toy sizes.
 
 The fast copy shares every non-Linear tensor with the bf16 transformer (loaded by
 `load_state_dict(assign=True)` into a meta skeleton), so it costs only its quantized
@@ -55,6 +60,8 @@ class FastSettings:
     gpu_reserve_bytes: int = 8 * 2**30
     standard_compile: bool | None = None  # the standard transformer; None: on CUDA only
     standard_lora_rank: int = 128
+    warm_up_size: int = 1024
+    warm_up_batch: int = 4
     fast_lora: str = "slot"  # or "merged"
 
     @classmethod
@@ -69,6 +76,8 @@ class FastSettings:
             gpu_reserve_bytes=int(float(os.environ.get("FLUX_GPU_RESERVE_GIB", "8")) * 2**30),
             standard_compile={"1": True, "0": False}.get(switch),
             standard_lora_rank=int(os.environ.get("FLUX_LORA_SLOT_RANK", "128")),
+            warm_up_size=int(os.environ.get("FLUX_WARM_UP_SIZE", "1024")),
+            warm_up_batch=int(os.environ.get("FLUX_WARM_UP_BATCH", "4")),
             fast_lora=os.environ.get("FLUX_FAST_LORA", "slot"),
         )
 

@@ -105,7 +105,7 @@ class Engine:
         self.compile_cache_loaded = compiles and load_artifacts(self.compile_cache)
         if fast.compile and not self.fast_unavailable:
             with timed("compiling the go_fast transformers", self.device):
-                self._warm_up_fast_path()
+                self._warm_up_fast_path(fast)
         if not self.fast_unavailable and not any(model.fast_pipelines for model in self.models.values()):
             self.fast_unavailable = "no model has a fast copy (the setup log says why)"
         # After the fast copies, which are built from the plain transformers' state dicts.
@@ -147,12 +147,12 @@ class Engine:
         self.offload.enabled, self.fast_unavailable = True, OFFLOADED
         return load_models(self.settings, home=HOME)
 
-    def _warm_up_fast_path(self) -> None:
+    def _warm_up_fast_path(self, fast: FastSettings) -> None:
         for model in self.models.values():
             if not model.fast_pipelines:  # None where the GPU had no room for the fp8 copy, or it failed to build
                 continue
             try:
-                warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+                warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length, fast)
             except Exception as error:  # a compiler that fails (no C++ compiler, a kernel that does not build)
                 # The copy goes: this model's go_fast requests take the standard path, which needed none of it.
                 log.warning(
@@ -182,7 +182,7 @@ class Engine:
             try:
                 for model in self.models.values():
                     with_slot_compiled(model.text_to_image.transformer, fast.standard_lora_rank, fast, model.name)
-                    warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+                    warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length, fast)
             except Exception as error:  # a compiler that fails: the server runs eager rather than not at all
                 log.warning("Standard path: compiling failed (%s); it runs eager.", first_line(error))
                 for model in self.models.values():
@@ -360,19 +360,20 @@ def lora_states(
 
 
 @torch.inference_mode()
-def warm_up_compiled_pipeline(pipeline: Any, max_sequence_length: int) -> None:
-    """Compile at setup rather than in the first request: batch 1 and 2 (dynamo
-    specialises a dimension of size 1), with the LoRA slot, where there is one, off and on.
-    Small and one step: with dynamic shapes, the real sizes reuse these graphs."""
+def warm_up_compiled_pipeline(pipeline: Any, max_sequence_length: int, settings: FastSettings) -> None:
+    """Compile at setup rather than in the first request, at the sizes requests use (FLUX_WARM_UP_SIZE, so that
+    inductor tunes its kernels for real token counts): batch 1 and the largest batch (dynamo specialises a
+    dimension of size 1), with the LoRA slot, where there is one, off and on. One step each: with dynamic
+    shapes, every other size and batch reuses these graphs."""
     slot = bool(getattr(pipeline.transformer, "peft_config", None))
     for lora_on in (False, True) if slot else (False,):
         if lora_on:
             pipeline.transformer.enable_adapters()
-        for batch in (1, 2):
+        for batch in (1, settings.warm_up_batch):
             pipeline(
                 prompt="",
-                width=256,
-                height=256,
+                width=settings.warm_up_size,
+                height=settings.warm_up_size,
                 num_inference_steps=1,
                 num_images_per_prompt=batch,
                 max_sequence_length=max_sequence_length,

@@ -43,6 +43,9 @@ def predictor_env(models: DemoModelPaths, lora_cache: Path, **extra: str) -> dic
         "FLUX_DEVICE": "cpu",
         "FLUX_LORA_CACHE_DIR": str(lora_cache),
         "FLUX_COMPILE_CACHE_DIR": str(lora_cache.with_name(f"{lora_cache.name}-compile-cache")),
+        # Compiling at toy sizes: production warms up at 1024², batch 1 and 4 (engine/fast.py).
+        "FLUX_WARM_UP_SIZE": "256",
+        "FLUX_WARM_UP_BATCH": "2",
         **extra,
     }
 

@@ -72,6 +72,30 @@ def test_switches_off_and_named_configs() -> None:
     )
 
 
+def test_setup_warms_up_at_the_sizes_requests_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor tunes kernels for the token counts it first sees: production warms up at 1024² (4,096 image
+    tokens), batch 1 and the largest batch; tests set toy sizes."""
+    from engine.generate import warm_up_compiled_pipeline
+
+    for name in ("FLUX_WARM_UP_SIZE", "FLUX_WARM_UP_BATCH"):
+        monkeypatch.delenv(name, raising=False)
+    calls: list[tuple[int, int, int]] = []
+
+    class Pipeline:  # records the calls; a transformer without a slot
+        transformer = torch.nn.Linear(1, 1)
+
+        def __call__(self, **inputs: Any) -> None:
+            calls.append((inputs["width"], inputs["height"], inputs["num_images_per_prompt"]))
+
+    warm_up_compiled_pipeline(Pipeline(), 512, FastSettings.from_env())
+    assert calls == [(1024, 1024, 1), (1024, 1024, 4)]
+    monkeypatch.setenv("FLUX_WARM_UP_SIZE", "256")
+    monkeypatch.setenv("FLUX_WARM_UP_BATCH", "2")
+    calls.clear()
+    warm_up_compiled_pipeline(Pipeline(), 512, FastSettings.from_env())
+    assert calls == [(256, 256, 1), (256, 256, 2)]
+
+
 def test_the_compile_cache_goes_where_the_deployment_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
