@@ -7,12 +7,16 @@ own code (engine.pipelines.assemble_models: fp8 copies, memory checks, shared mo
 warms up with the server's own warm-up. On the GPU machine, from the repo root, with
 diffusers, torchao and peft wheels in .whl/ (bench/fetch_wheels.sh):
 
-    bash bench/run_gpu.sh                       # the whole table, then setup with a warm cache
-    bash bench/run_gpu.sh --parts speed --models dev --batches 1 --no-warm-setup
+    bash bench/run_gpu.sh                       # the table, within 9 minutes on an H100
+    bash bench/run_gpu.sh --parts headline --no-warm-setup
 
-It prints one table: medians of warm runs timed with CUDA events (denoising + VAE decode;
-text encoding has its own row), LoRA switch and scale-change times, setup phases with a
-cold and a warm compile cache, GPU memory, recompiles and the fp8-vs-bf16 difference.
+It prints each row as soon as it is measured, the headline first (after setup, which everything
+needs): dev, batch 1, go_fast and bf16, each without and with a rank-16 LoRA, the LoRA switch,
+peak memory, recompiles and go_fast's accuracy against bf16 (latents, and the LoRA's effect);
+then the other models and batches, text encoding and wider LoRAs while time is left
+(BENCH_DEADLINE), then setup again with a warm compile cache. Times are medians of warm runs
+timed with CUDA events (denoising + VAE decode; text encoding has its own row); a table of
+every row ends the run.
 `--tiny` runs every code path at toy sizes on a CPU in production's configuration (bf16,
 torchao's dynamic fp8 past its hardware check, inductor), to check the script first.
 """
@@ -202,7 +206,7 @@ class Bench:
 
     def setup(self) -> None:
         from engine.fast import FastSettings, configure_compile_cache
-        from engine.generate import warm_up_compiled_pipeline
+        from engine.generate import set_attention, warm_up_compiled_pipeline
         from engine.pipelines import assemble_models
 
         a = self.args
@@ -210,11 +214,12 @@ class Bench:
             quantization="float8-dynamic" if a.tiny else "auto",
             compile=not a.no_compile,
             compile_backend=a.backend,
-            lora_rank=a.slot_rank,
             compile_cache_dir=a.compile_cache,
             gpu_reserve_bytes=int(a.reserve_gib * 2**30),
             standard_compile=not a.no_compile,
             standard_lora_rank=a.standard_slot_rank,
+            warm_up_size=a.size,
+            warm_up_batch=a.warm_up_batch,
         )
         configure_compile_cache(self.fast_settings)
         if a.tiny:
@@ -225,8 +230,8 @@ class Bench:
             quant_api._check_hardware_support = lambda granularity: None
         cache = Path(a.compile_cache)
         label = "warm" if cache.is_dir() and any(cache.iterdir()) else "cold"
-        # In the server's order: models, fp8 copies (each checked against the memory left),
-        # warm-up, then the safety models.
+        # In the server's order: models, fp8 copies (each checked against the memory left), the attention
+        # kernel, warm-up, then the safety models.
         start = time.perf_counter()
         dev, schnell_transformer, schnell_scheduler = self.build_components()
         self.sync()
@@ -235,14 +240,16 @@ class Bench:
         self.sync()
         assembled = time.perf_counter()
         self.row("setup: random full-size weights, both models", f"{built - start:.1f} s")
-        self.row("setup: fp8 copies (quantize + LoRA slot)", f"{assembled - built:.1f} s")
+        self.row("setup: fp8 copies (quantize)", f"{assembled - built:.1f} s")
         for name, model in self.models.items():
             if model.fast_pipelines is None:
                 self.row(f"{name}: fp8 copy", "skipped by the server's memory check (see log); go_fast runs bf16")
+        self.row("setup: attention kernel", set_attention(self.models, self.device) or "SDPA (default)")
         from torch._dynamo.utils import counters
 
         from engine.compile_cache import artifacts_name, load_artifacts, save_artifacts
         from engine.fast import with_slot_compiled
+        from engine.generate import lora_states
         from engine.pipelines import standard_slots_shortfall
 
         # As Engine does: the compile cache file (in --compile-cache, beside inductor's own) loaded before
@@ -252,9 +259,13 @@ class Bench:
         start = time.perf_counter()
         for model in self.models.values():
             if model.fast_pipelines and not a.no_compile:
-                warm_up_compiled_pipeline(model.fast_pipelines[Mode.TEXT_TO_IMAGE], model.max_sequence_length)
+                pipeline = model.fast_pipelines[Mode.TEXT_TO_IMAGE]
+                warm_up_compiled_pipeline(pipeline, model.max_sequence_length, self.fast_settings)
         self.sync()
-        self.row(f"setup: compile (server warm-up, both models), {label} cache", f"{time.perf_counter() - start:.1f} s")
+        self.row(
+            f"setup: go_fast compile + warm-up ({a.size}px, batch 1 and {a.warm_up_batch}), {label} cache",
+            f"{time.perf_counter() - start:.1f} s",
+        )
         # The standard path as a CUDA server runs it by default: a fixed-rank LoRA slot and compiled blocks.
         self.standard_compiled = not a.no_compile and standard_slots_shortfall(self.models, self.fast_settings) is None
         if self.standard_compiled:
@@ -262,7 +273,7 @@ class Bench:
             for name, model in self.models.items():
                 transformer = model.text_to_image.transformer
                 with_slot_compiled(transformer, a.standard_slot_rank, self.fast_settings, name)
-                warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length)
+                warm_up_compiled_pipeline(model.text_to_image, model.max_sequence_length, self.fast_settings)
             self.sync()
             self.row(
                 f"setup: standard path slot (rank {a.standard_slot_rank}) + compile, both models, {label} cache",
@@ -275,6 +286,7 @@ class Bench:
         if not a.no_compile:
             self.row("setup: compile cache file", "loaded" if loaded else f"written: {save_artifacts(artifacts)}")
         self.graphs_after_warm_up = counters["stats"]["unique_graphs"]
+        self.states = lora_states(self.models, self.standard_compiled, self.fast_settings)
         self.safety_models = self.build_safety_models()
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
@@ -305,50 +317,126 @@ class Bench:
             max_sequence_length=text,
         )
 
-    def pipeline(self, model: str, fast: bool) -> Any:
-        return self.models[model].pipeline(Mode.TEXT_TO_IMAGE, fast)
+    def paths(self, model: str) -> list[tuple[str, bool]]:
+        """(label, go_fast), go_fast first: the headline path."""
+        standard = "bf16 compiled" if self.standard_compiled else "bf16"
+        return ([("go_fast", True)] if self.models[model].fast_pipelines else []) + [(standard, False)]
 
     @torch.inference_mode()
     def generate(self, model: str, fast: bool, batch: int, steps: int | None = None) -> torch.Tensor:
         from engine.generate import decode_latents
 
-        pipeline = self.pipeline(model, fast)
+        pipeline = self.models[model].pipeline(Mode.TEXT_TO_IMAGE, fast)
         inputs = self.inputs(model, batch)
         inputs["num_inference_steps"] = steps or inputs["num_inference_steps"]
         latents = pipeline(**inputs, generator=torch.Generator(self.device).manual_seed(1), output_type="latent").images
         decode_latents(pipeline, latents, self.args.size, self.args.size)
         return latents
 
-    def speed(self) -> None:
-        for model in self.args.models:
-            standard = "bf16 compiled" if self.standard_compiled else "bf16"
-            paths = [(standard, False)] + ([("go_fast", True)] if self.models[model].fast_pipelines else [])
-            for batch in self.args.batches:
-                for label, fast in paths:
-                    # One step at this shape first: cuBLAS and allocator set-up, not the run's cost.
-                    self.generate(model, fast, batch, steps=1)
-                    outputs: list[torch.Tensor] = []
-                    ms = self.timed_ms(lambda o=outputs, m=model, f=fast, b=batch: o.append(self.generate(m, f, b)), 5)
-                    steps = self.inputs(model, batch)["num_inference_steps"]
-                    self.row(f"{model} {label} {self.args.size}px batch {batch}, {steps} steps", f"{ms / 1000:.3f} s")
-                    self.outputs[model, label, batch] = outputs
-            self.accuracy(model)
+    def timed_generation(self, model: str, label: str, fast: bool, batch: int, runs: int, note: str = "") -> None:
+        # One step at this shape first: cuBLAS and allocator set-up, not the run's cost.
+        self.generate(model, fast, batch, steps=1)
+        outputs: list[torch.Tensor] = []
+        ms = self.timed_ms(lambda: outputs.append(self.generate(model, fast, batch)), runs)
+        steps = self.inputs(model, batch)["num_inference_steps"]
+        self.row(f"{model} {label}{note} {self.args.size}px batch {batch}, {steps} steps", f"{ms / 1000:.3f} s")
+        self.outputs[model, label + note, batch] = outputs
+
+    def lora_files(self, model: str, rank: int) -> list[Any]:
+        """Two rank-`rank` LoRAs on the attention and MLP layers (ai-toolkit's default set), on local disk."""
+        from lora_loading.formats import LoraFile
+        from tests.lora_factory import make_peft_lora
+
+        def attention_and_mlp(name: str, module: torch.nn.Linear) -> bool:
+            return any(part in name for part in (".attn.", ".ff.", ".ff_context.", "proj_mlp", "proj_out"))
+
+        transformer = self.models[model].text_to_image.transformer
+        return [
+            LoraFile(
+                "bench",
+                f"{model}-r{rank}-{seed}",
+                make_peft_lora(
+                    transformer,
+                    LORA_FOLDER / f"{model}-r{rank}-{seed}.safetensors",
+                    rank=rank,
+                    seed=seed,
+                    std=0.01,
+                    module_filter=attention_and_mlp,
+                ),
+                1.0,
+            )
+            for seed in (1, 2)
+        ]
+
+    def apply(self, model: str, fast: bool, loras: list[Any]) -> None:
+        eager = self.states[model, fast].apply(loras)
+        if eager:  # the server would run this request eager; a benchmark of the compiled path must not
+            raise RuntimeError(f"{model}: {eager}")
+        self.sync()
+
+    def headline(self) -> None:
+        """dev at the bench's size and steps, batch 1: each path without and with a LoRA, the LoRA switch,
+        then peak memory and recompiles so far."""
+        model = "dev"
+        files = self.lora_files(model, 16)
+        for label, fast in self.paths(model):
+            self.apply(model, fast, [])
+            self.timed_generation(model, label, fast, 1, self.args.runs)
+            self.apply(model, fast, files[:1])
+            self.timed_generation(model, label, fast, 1, self.args.runs, note=" + rank-16 LoRA")
+            self.lora_switches(model, label, fast, files, 16)
+            self.apply(model, fast, [])
+        self.memory_and_recompiles()
+        self.accuracy(model)
+
+    def lora_switches(self, model: str, label: str, fast: bool, files: list[Any], rank: int) -> None:
+        from lora_loading.formats import LoraFile
+
+        self.row(
+            f"{model} {label}: switch LoRA, rank {rank}, attention + MLP (file on local disk)",
+            f"{self.timed_ms(alternate(lambda loras: self.apply(model, fast, loras), files), 5):.1f} ms",
+        )
+        scaled = [LoraFile("bench", files[0].key, files[0].path, scale) for scale in (0.5, 1.0)]
+        self.row(
+            f"{model} {label}: scale-only change, rank {rank}",
+            f"{self.timed_ms(alternate(lambda loras: self.apply(model, fast, loras), scaled), 5):.1f} ms",
+        )
 
     def accuracy(self, model: str) -> None:
-        batch = self.args.batches[0]
-        if (model, "go_fast", batch) not in self.outputs:
+        """go_fast against bf16: the latents without a LoRA, and the LoRA's effect (latents with it - without)."""
+        fast, standard = (label for label, _ in self.paths(model)) if self.models[model].fast_pipelines else ("", "")
+        if not fast:
             return
-        reference = self.outputs[model, "bf16 compiled" if self.standard_compiled else "bf16", batch][-1].float()
-        quick = self.outputs[model, "go_fast", batch]
+        reference, quick = self.outputs[model, standard, 1][-1].float(), self.outputs[model, fast, 1]
         relative = ((quick[-1].float() - reference).norm() / reference.norm()).item()
         self.row(f"{model}: go_fast vs bf16 latents, relative L2 difference", f"{relative:.4f}")
-        same = all(torch.equal(run, quick[0]) for run in quick)
-        self.row(f"{model}: go_fast, 5 runs with one seed, bit-identical", str(same))
+        self.row(
+            f"{model}: go_fast, runs with one seed, bit-identical", str(all(torch.equal(r, quick[0]) for r in quick))
+        )
+        note = " + rank-16 LoRA"
+        effect = self.outputs[model, standard + note, 1][-1].float() - reference
+        quick_effect = self.outputs[model, fast + note, 1][-1].float() - quick[-1].float()
+        cosine = torch.nn.functional.cosine_similarity(quick_effect.flatten(), effect.flatten(), dim=0).item()
+        self.row(
+            f"{model}: go_fast's LoRA effect vs bf16's (latents): cosine, norm ratio",
+            f"{cosine:.3f}, {(quick_effect.norm() / effect.norm()).item():.3f}",
+        )
+
+    def more_speed(self) -> None:
+        """Every model and batch the headline left out."""
+        for model in self.args.models:
+            for batch in self.args.batches:
+                if (model, batch) == ("dev", 1):
+                    continue
+                for label, fast in self.paths(model):
+                    if not self.time_left(f"{model} {label} batch {batch}"):
+                        return
+                    self.timed_generation(model, label, fast, batch, max(1, self.args.runs - 2))
 
     @torch.inference_mode()
     def text_encoding(self) -> None:
         for model in self.args.models:
-            pipeline = self.pipeline(model, False)
+            pipeline = self.models[model].pipeline(Mode.TEXT_TO_IMAGE, False)
             length = self.models[model].max_sequence_length
 
             def encode(p: Any = pipeline, n: int = length) -> None:
@@ -358,57 +446,25 @@ class Bench:
             self.row(f"{model}: text encoding (CLIP + T5, {length} tokens)", f"{self.timed_ms(encode, 5):.1f} ms")
 
     def loras(self) -> None:
-        from lora_loading.adapters import LoraAdapters
-        from lora_loading.formats import LoraFile
-        from lora_loading.slots import LoraSlots, SlotOrAdapters
-        from tests.lora_factory import make_peft_lora
-
-        model = self.args.models[0]
-        # (label, LoRA state, go_fast): the standard path as the server holds it, and go_fast's slot.
-        paths: list[tuple[str, Any, bool]] = [
-            (
-                "bf16 compiled" if self.standard_compiled else "bf16",
-                (SlotOrAdapters if self.standard_compiled else LoraAdapters)(self.pipeline(model, False)),
-                False,
-            )
-        ]
-        if self.models[model].fast_pipelines:
-            paths.append(("go_fast", LoraSlots(self.pipeline(model, True)), True))
-
-        def attention_and_mlp(name: str, module: torch.nn.Linear) -> bool:
-            return any(part in name for part in (".attn.", ".ff.", ".ff_context.", "proj_mlp", "proj_out"))
-
+        """Wider LoRAs than the headline's: switch and scale-change times, one generation each."""
+        model = "dev"
         for rank in self.args.lora_ranks:
-            files = [
-                LoraFile(
-                    "bench",
-                    f"r{rank}-{seed}",
-                    make_peft_lora(
-                        self.models[model].text_to_image.transformer,
-                        LORA_FOLDER / f"r{rank}-{seed}.safetensors",
-                        rank=rank,
-                        seed=seed,
-                        std=0.01,
-                        module_filter=attention_and_mlp,
-                    ),
-                    1.0,
-                )
-                for seed in (1, 2)
-            ]
-            for label, state, fast in paths:
-                self.row(
-                    f"{model} {label}: switch LoRA, rank {rank}, attention + MLP (file on local disk)",
-                    f"{self.timed_ms(alternate(state, files), 5):.1f} ms",
-                )
-                scaled = [LoraFile("bench", files[0].key, files[0].path, scale) for scale in (0.5, 1.0)]
-                self.row(
-                    f"{model} {label}: scale-only change, rank {rank}",
-                    f"{self.timed_ms(alternate(state, scaled), 5):.1f} ms",
-                )
-                ms = self.timed_ms(lambda f=fast: self.generate(model, f, 1), 5)
+            files = self.lora_files(model, rank)
+            for label, fast in self.paths(model):
+                if not self.time_left(f"{model} {label} rank {rank}"):
+                    return
+                self.lora_switches(model, label, fast, files, rank)
+                self.apply(model, fast, files[:1])
+                ms = self.timed_ms(lambda f=fast: self.generate(model, f, 1), 1)
                 self.row(f"{model} {label} with a rank-{rank} LoRA, batch 1", f"{ms / 1000:.3f} s")
-        for _, state, _ in paths:
-            state.apply([])
+                self.apply(model, fast, [])
+
+    def time_left(self, part: str) -> bool:
+        """Whether the run's deadline (BENCH_DEADLINE, seconds since the epoch) leaves time for `part`."""
+        if time.time() < self.args.deadline - 30:
+            return True
+        self.row(part, "skipped: the run's time limit")
+        return False
 
     def memory_and_recompiles(self) -> None:
         from torch._dynamo.utils import counters
@@ -420,20 +476,20 @@ class Bench:
         )
 
 
-def alternate(slots: Any, choices: list[Any]) -> Any:
+def alternate(apply: Any, choices: list[Any]) -> Any:
     """An action that applies each choice in turn (the first is applied now, untimed)."""
     turn = iter(range(10**9))
-    slots.apply([choices[0]])
-    return lambda: slots.apply([choices[(next(turn) + 1) % len(choices)]])
+    apply([choices[0]])
+    return lambda: apply([choices[(next(turn) + 1) % len(choices)]])
 
 
 def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str]:
-    """One measuring process; each starts with an empty GPU."""
+    """One measuring process; each starts with an empty GPU, and is stopped at the run's deadline."""
     command = [sys.executable, __file__, "--child", "--out", str(out), *extra]
     for option in ("models", "batches", "lora_ranks"):
         command += [f"--{option.replace('_', '-')}", ",".join(map(str, getattr(args, option)))]
-    command += ["--size", str(args.size), "--steps", str(args.steps), "--slot-rank", str(args.slot_rank)]
-    command += ["--standard-slot-rank", str(args.standard_slot_rank)]
+    command += ["--size", str(args.size), "--steps", str(args.steps), "--runs", str(args.runs)]
+    command += ["--warm-up-batch", str(args.warm_up_batch), "--standard-slot-rank", str(args.standard_slot_rank)]
     command += [
         "--reserve-gib",
         str(args.reserve_gib),
@@ -443,7 +499,10 @@ def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str
         args.backend,
     ]
     command += ["--tiny"] * args.tiny + ["--no-compile"] * args.no_compile
-    returncode = subprocess.run(command).returncode
+    try:
+        returncode = subprocess.run(command, timeout=max(1.0, args.deadline - time.time())).returncode
+    except subprocess.TimeoutExpired:
+        returncode = -1
     rows = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
     if returncode:
         rows["failed"] = f"{' '.join(extra)} exited with {returncode}; rows above it are complete (see log)"
@@ -451,23 +510,20 @@ def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str
 
 
 def drive(args: argparse.Namespace) -> None:
-    """The whole table: every part with a cold compile cache, then setup again in a fresh
-    process with the cache the first run filled (what a deployment that keeps
-    FLUX_COMPILE_CACHE_DIR pays on its next start)."""
+    """The headline rows first (each printed as it is measured), then the rest while time is left, then setup
+    again in a fresh process with the cache the first run filled (what a deployment that keeps
+    FLUX_COMPILE_CACHE_DIR pays on its next start), if 3 minutes are left."""
     out = Path(args.out)
     if not args.keep_cache:
         shutil.rmtree(args.compile_cache, ignore_errors=True)
     rows = run_child(args, out / "main", "--parts", args.parts)
-    if "failed" in rows:
+    if "failed" in rows or args.deadline - time.time() < 180:
         args.no_warm_setup = True
     if not args.no_warm_setup and not args.no_compile:
         start = time.perf_counter()
         warm = run_child(args, out / "warm-setup", "--parts", "setup")
         rows.update({f"second {name}": value for name, value in warm.items() if name.startswith("setup")})
         rows["second setup, whole process"] = f"{time.perf_counter() - start:.1f} s"
-    # The headline rows (speed, LoRAs) first; setup, cold and then with the cache, after them.
-    setup_rows = {name: value for name, value in rows.items() if name.startswith(("setup", "second setup"))}
-    rows = {**{name: value for name, value in rows.items() if name not in setup_rows}, **setup_rows}
     print("\n| measurement | value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")
@@ -476,13 +532,19 @@ def drive(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="speed,text_encoding,loras", help="speed, text_encoding, loras, setup")
-    parser.add_argument("--models", default="dev,schnell", help="which models to time (both are always built)")
+    parser.add_argument(
+        "--parts",
+        default="headline,more_speed,text_encoding,loras",
+        help="after setup: headline (dev batch 1, both paths, with and without a LoRA), more_speed, "
+        "text_encoding, loras; setup alone: 'setup'",
+    )
+    parser.add_argument("--models", default="dev,schnell", help="which models more_speed times (both are built)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=0, help="default: 28 for dev, 4 for schnell")
-    parser.add_argument("--lora-ranks", default="16,64")
-    parser.add_argument("--slot-rank", type=int, default=64, help="FLUX_FAST_LORA_RANK")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per headline row (the median)")
+    parser.add_argument("--lora-ranks", default="64", help="the loras part's ranks (the headline's is 16)")
+    parser.add_argument("--warm-up-batch", type=int, default=4, help="FLUX_WARM_UP_BATCH")
     parser.add_argument("--standard-slot-rank", type=int, default=128, help="FLUX_LORA_SLOT_RANK")
     parser.add_argument("--reserve-gib", type=float, default=8.0, help="FLUX_GPU_RESERVE_GIB")
     parser.add_argument("--compile-cache", default="/tmp/flux-compile-cache")
@@ -497,8 +559,11 @@ def main() -> None:
     args.models = args.models.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.lora_ranks = [int(r) for r in args.lora_ranks.split(",")]
+    # Seconds since the epoch by which everything must have ended (bench/run_gpu.sh sets it).
+    args.deadline = float(os.environ.get("BENCH_DEADLINE", "inf"))
     if args.tiny:
         args.size = min(args.size, 128)
+        args.warm_up_batch = min(args.warm_up_batch, 2)
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     if not args.child:
@@ -513,7 +578,8 @@ def main() -> None:
     for part in args.parts.split(","):
         if part != "setup":
             getattr(bench, part)()
-    bench.memory_and_recompiles()
+    if args.parts != "setup":
+        bench.memory_and_recompiles()
     (Path(args.out) / "bench.json").write_text(json.dumps(dict(bench.rows), indent=1))
 
 
