@@ -29,22 +29,14 @@ from lora_loading.deltas import Change, Delta, ParameterDeltas, Placed, Quantize
 from lora_loading.formats import DORA_MAGNITUDE, LoraFile, match_lora, read_lora
 from lora_loading.slots import Factors, LoraSlots, lora_factors
 
-LORA_DOWN, LORA_UP = ".lora_A.weight", ".lora_B.weight"
-
 
 def dense_updates(to_load: dict[str, torch.Tensor]) -> dict[tuple[str, ...], Change]:
     """What peft would hold for a LoRA (diffusers-layout pairs, alphas, DoRA magnitudes) as per-layer
     changes: B·A·alpha/rank at scale 1, or with a magnitude, that update recomposed per output row as
     peft's DoRA layer computes it (its norm over each row of W + s·B·A)."""
     updates: dict[tuple[str, ...], Change] = {}
-    for key, down in to_load.items():
-        if not key.endswith(LORA_DOWN):
-            continue
-        layer = key[len("transformer.") : -len(LORA_DOWN)]
-        up = to_load[f"transformer.{layer}{LORA_UP}"]
-        alpha = to_load.get(f"transformer.{layer}.alpha")
-        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
-        update = Delta(factors=(up.float() * scale, down.float()), op="mm")
+    for layer, (down, up) in lora_factors(to_load).items():  # alpha/rank folded into `up`
+        update = Delta(factors=(up, down), op="mm")
         magnitude = to_load.get(f"transformer.{layer}{DORA_MAGNITUDE}")
         updates[(f"{layer}.weight",)] = (
             update if magnitude is None else Recomposed(update, magnitude.float().reshape(-1, 1), per_column=False)
