@@ -39,17 +39,6 @@ from typing import Any
 import torch
 
 FULL = dict(num_layers=1, num_single_layers=1)  # diffusers' defaults are FLUX.1's widths
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
 
 
 def build(model: str) -> tuple[Any, Any]:
@@ -60,7 +49,9 @@ def build(model: str) -> tuple[Any, Any]:
     from engine.fast import FastSettings, build_fast_transformer
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(**(FULL if model == "full" else TINY), guidance_embeds=True)
+    from bench.gpu import TINY
+
+    transformer = FluxTransformer2DModel(**(FULL if model == "full" else TINY["transformer"]), guidance_embeds=True)
     with torch.no_grad():
         for parameter in transformer.parameters():
             parameter.normal_(0, 0.02)

@@ -214,12 +214,14 @@ class Bench:
             quantization="float8-dynamic" if a.tiny else "auto",
             compile=not a.no_compile,
             compile_backend=a.backend,
+            lora_rank=a.slot_rank,
             compile_cache_dir=a.compile_cache,
             gpu_reserve_bytes=int(a.reserve_gib * 2**30),
             standard_compile=not a.no_compile,
             standard_lora_rank=a.standard_slot_rank,
             warm_up_size=a.size,
             warm_up_batch=a.warm_up_batch,
+            fast_lora=a.fast_lora,
         )
         configure_compile_cache(self.fast_settings)
         if a.tiny:
@@ -490,6 +492,7 @@ def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str
         command += [f"--{option.replace('_', '-')}", ",".join(map(str, getattr(args, option)))]
     command += ["--size", str(args.size), "--steps", str(args.steps), "--runs", str(args.runs)]
     command += ["--warm-up-batch", str(args.warm_up_batch), "--standard-slot-rank", str(args.standard_slot_rank)]
+    command += ["--slot-rank", str(args.slot_rank), "--fast-lora", args.fast_lora]
     command += [
         "--reserve-gib",
         str(args.reserve_gib),
@@ -499,6 +502,7 @@ def run_child(args: argparse.Namespace, out: Path, *extra: str) -> dict[str, str
         args.backend,
     ]
     command += ["--tiny"] * args.tiny + ["--no-compile"] * args.no_compile
+    (out / "bench.json").unlink(missing_ok=True)  # no rows of an earlier run
     try:
         returncode = subprocess.run(command, timeout=max(1.0, args.deadline - time.time())).returncode
     except subprocess.TimeoutExpired:
@@ -546,6 +550,8 @@ def main() -> None:
     parser.add_argument("--lora-ranks", default="64", help="the loras part's ranks (the headline's is 16)")
     parser.add_argument("--warm-up-batch", type=int, default=4, help="FLUX_WARM_UP_BATCH")
     parser.add_argument("--standard-slot-rank", type=int, default=128, help="FLUX_LORA_SLOT_RANK")
+    parser.add_argument("--slot-rank", type=int, default=64, help="FLUX_FAST_LORA_RANK")
+    parser.add_argument("--fast-lora", choices=("slot", "merged"), default="slot", help="FLUX_FAST_LORA")
     parser.add_argument("--reserve-gib", type=float, default=8.0, help="FLUX_GPU_RESERVE_GIB")
     parser.add_argument("--compile-cache", default="/tmp/flux-compile-cache")
     parser.add_argument("--keep-cache", action="store_true", help="start from the compile cache as it is")
