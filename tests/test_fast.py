@@ -294,6 +294,28 @@ def test_go_fast_takes_in_place_deltas_and_lokr_and_leaves_no_trace(
     assert png(fast_predictor) == standard_base
 
 
+def test_go_fast_takes_pairs_and_bias_deltas_from_one_file(fast_predictor: Any, loras: dict, tmp_path: Path) -> None:
+    """ComfyUI's extract node writes both by default: the pairs go into the slot, .diff_b into the biases the
+    copy shares, in one request, with no recompile, and both come back out."""
+    import safetensors.torch
+
+    state_dict = safetensors.torch.load_file(str(loras["style"]))
+    bias = fast_predictor.engine.models["dev"].text_to_image.transformer.x_embedder.bias
+    state_dict["diffusion_model.img_in.diff_b"] = torch.randn(bias.shape, generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "pairs-and-biases.safetensors"
+    safetensors.torch.save_file(state_dict, str(path))
+    base, pairs_only = (
+        png(fast_predictor, go_fast=True),
+        png(fast_predictor, go_fast=True, replicate_weights=data_uri(loras["style"])),
+    )
+    before = graphs()
+    both = png(fast_predictor, go_fast=True, replicate_weights=data_uri(path))
+    assert both not in (base, pairs_only)
+    assert graphs() == before
+    assert effect_mismatch(fast_predictor, data_uri(path)) < 0.1  # measured 0.022
+    assert png(fast_predictor, go_fast=True) == base
+
+
 @pytest.mark.parametrize("spelling", ["peft", "OneTrainer"])
 def test_go_fast_takes_a_dora_recomposed_into_its_weights(fast_predictor: Any, tmp_path: Path, spelling: str) -> None:
     from tests.test_lora_formats import data_uri_of, peft_dora
