@@ -8,6 +8,8 @@ fp8 through AOTAutograd, past torchao's quantize-time hardware check."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -578,3 +580,17 @@ def test_fp8_merges_what_the_slot_does_not_hold_and_takes_it_back_bit_for_bit(
     assert effect_mismatch(fp8_predictor, data_uri(path)) < 0.5  # measured 0.118; a twentieth of it: 0.82
     assert png(fp8_predictor, go_fast=True) == base
     assert all(all(map(torch.equal, built[name], weights)) for name, weights in quantized_weights(quick).items())
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")
+def test_merged_weights_reach_inductors_compiled_graphs(demo_models: Any, loras: dict, tmp_path: Path) -> None:
+    """Inductor takes parameters as graph inputs (no freezing), so weights rewritten in place after compiling
+    are what the kernels read: a merged LoRA applies, a scale change moves the image, and the base comes back."""
+    env = {**FAST_ENV, "FLUX_COMPILE_BACKEND": "inductor", "FLUX_FAST_LORA": "merged"}
+    compiled = make_predictor(predictor_env(demo_models, tmp_path / "lora-cache", **env))
+    style = data_uri(loras["style"])
+    base = png(compiled, go_fast=True)
+    styled = png(compiled, go_fast=True, replicate_weights=style)
+    assert styled != base
+    assert png(compiled, go_fast=True, replicate_weights=style, lora_scale=0.5) not in (base, styled)
+    assert png(compiled, go_fast=True) == base
