@@ -106,3 +106,34 @@ def test_fp8_is_close_to_bf16_and_takes_the_lora_at_the_same_scale(engine: Any, 
     off_by = lora_effect_mismatch(pixels, loras["style"], (0.9, 1.0, 1.1, 1.5))
     print("fp8 LoRA effect against bf16, by multiplier:", {m: f"{v:.1%}" for m, v in off_by.items()})
     assert min(off_by, key=off_by.__getitem__) == 1.0
+
+
+def test_fp8_merges_a_lokr_without_a_recompile_and_takes_it_back(engine: Any, tmp_path: Path) -> None:
+    """What the slot does not hold is merged into the Float8Tensor weights in place, under inductor."""
+    import safetensors.torch
+
+    layer = engine.models["dev"].text_to_image.transformer.transformer_blocks[0].attn.to_out[0]
+    generator = torch.Generator().manual_seed(5)
+    lokr = {
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.randn(2, 2, generator=generator),
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w2": torch.randn(
+            layer.out_features // 2, layer.in_features // 2, generator=generator
+        ),
+    }
+    safetensors.torch.save_file(lokr, str(tmp_path / "lokr.safetensors"))
+    source = data_uri(tmp_path / "lokr.safetensors")
+    base = png(engine, go_fast=True)
+    png(engine, go_fast=True, replicate_weights=source)  # fills the LoRA cache
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        merged = png(engine, go_fast=True, replicate_weights=source)
+        assert merged != base
+        assert png(engine, go_fast=True) == base
+
+
+def test_the_attention_kernel_is_set_on_every_transformer(engine: Any) -> None:
+    for model in engine.models.values():
+        transformers = [model.text_to_image.transformer]
+        transformers += [model.fast_pipelines["txt2img"].transformer] if model.fast_pipelines else []
+        for transformer in transformers:
+            chosen = transformer.transformer_blocks[0].attn.processor._attention_backend
+            assert (chosen.value if chosen is not None else None) == engine.attention
