@@ -72,6 +72,9 @@ def test_switches_off_and_named_configs() -> None:
     assert unavailable("cpu", quantization="fp4") == (
         "FLUX_FAST_QUANTIZATION='fp4' is not one of auto, off, float8-dynamic, int8-weight-only, float8-weight-only"
     )
+    assert unavailable("cpu", quantization="int8-weight-only", fast_lora="merge") == (
+        "FLUX_FAST_LORA='merge' is not one of slot, merged"
+    )
 
 
 def test_setup_warms_up_at_the_sizes_requests_use(monkeypatch: pytest.MonkeyPatch) -> None:
