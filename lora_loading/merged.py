@@ -57,10 +57,12 @@ class FastLoras:
     ):
         self.pipeline = pipeline
         self.in_place = in_place
+        self.quantized = quantized
         self.merged = ParameterDeltas(quantized)
         self.slot = slot
         self.loaded_keys: tuple[str, ...] = ()
-        self.changes: list[Placed] = []  # merged or in place, each following its LoRA's scale
+        self.into_copy: list[Placed] = []  # merged into the quantized weights, each following its LoRA's scale
+        self.shared: list[Placed] = []  # changed in place on the tensors the copy shares with the bf16 model
         self.pairs: list[Factors] = []  # by LoRA: what goes into the slot
 
     def apply(self, loras: Sequence[LoraFile]) -> str | None:
@@ -70,15 +72,11 @@ class FastLoras:
         if keys != self.loaded_keys:
             self._convert(loras)
         scales = [lora.scale for lora in loras]
-        quantized = self.merged.quantized
-        assert quantized is not None
-        into_copy = [change for change in self.changes if all(map(quantized.holds, change[0]))]
-        shared = [change for change in self.changes if not all(map(quantized.holds, change[0]))]
         try:
             # In place first: it puts back whatever the standard path changed in the bf16 weights, which the
             # merged weights are computed from.
-            self.in_place.set_scaled(shared, scales)
-            self.merged.set_scaled(into_copy, scales)
+            self.in_place.set_scaled(self.shared, scales)
+            self.merged.set_scaled(self.into_copy, scales)
             if self.slot is not None:
                 self.slot.hold([(lora.key, pairs, lora.scale) for lora, pairs in zip(loras, self.pairs, strict=True)])
         except BaseException:
@@ -91,17 +89,24 @@ class FastLoras:
 
     def _convert(self, loras: Sequence[LoraFile]) -> None:
         """Read and matched once per set of files: a scale change reads nothing."""
-        self.loaded_keys, self.changes, self.pairs = (), [], []
+        self.loaded_keys, self.into_copy, self.shared, self.pairs = (), [], [], []
         changes: list[Placed] = []
         pairs: list[Factors] = []
         transformer = self.pipeline.transformer
         for index, lora in enumerate(loras):
             to_load, in_place = match_lora(self.pipeline, read_lora(lora), lora.input_name)
-            dora = {key[: -len(DORA_MAGNITUDE)] for key in to_load if key.endswith(DORA_MAGNITUDE)}
-            layer_of = {key: key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in to_load}
-            in_slot = {key: v for key, v in to_load.items() if self.slot is not None and layer_of[key] not in dora}
+            # Pairs go into the slot, where there is one, except a DoRA's, which are recomposed and merged.
+            dora = {key.removesuffix(DORA_MAGNITUDE) for key in to_load if key.endswith(DORA_MAGNITUDE)}
+            in_slot = {} if self.slot is None else {k: v for k, v in to_load.items() if _layer(k) not in dora}
             merged = {key: tensor for key, tensor in to_load.items() if key not in in_slot}
             # In-place changes first, as on the standard path, where peft's layers apply over them.
             changes += placed(transformer, in_place, index) + placed(transformer, dense_updates(merged), index)
             pairs.append(lora_factors(in_slot))
-        self.loaded_keys, self.changes, self.pairs = tuple(lora.key for lora in loras), changes, pairs
+        into_copy = [change for change in changes if all(map(self.quantized.holds, change[0]))]
+        self.shared = [change for change in changes if not all(map(self.quantized.holds, change[0]))]
+        self.loaded_keys, self.into_copy, self.pairs = tuple(lora.key for lora in loras), into_copy, pairs
+
+
+def _layer(key: str) -> str:
+    """`transformer.<module>` from any of its LoRA keys: `.lora_A.weight`, `.lora_magnitude_vector`, `.alpha`."""
+    return key.rsplit(".lora_", 1)[0].removesuffix(".alpha")

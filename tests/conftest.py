@@ -84,15 +84,15 @@ def data_uri(data: bytes | Path) -> str:
 
 
 def lora_effect_mismatch(
-    pixels: Callable[..., np.ndarray], lora: str, multipliers: Iterable[float]
+    pixels: Callable[..., np.ndarray], lora: str, multipliers: Iterable[float], scale: float = 0.5
 ) -> dict[float, float]:
-    """For each multiplier of go_fast's lora_scale: how far go_fast's LoRA effect is from the
-    standard path's at scale 0.5, as mean |difference| / mean |standard effect|."""
-    standard_effect = pixels(replicate_weights=lora, lora_scale=0.5) - pixels()
+    """For each multiplier of go_fast's lora_scale: how far go_fast's LoRA effect (image with the LoRA - image
+    without) is from the standard path's at `scale`, as mean |difference| / mean |standard effect|."""
+    standard_effect = pixels(replicate_weights=lora, lora_scale=scale) - pixels()
     base = pixels(go_fast=True)
     mismatch = {}
     for multiplier in multipliers:
-        fast_effect = pixels(go_fast=True, replicate_weights=lora, lora_scale=0.5 * multiplier) - base
+        fast_effect = pixels(go_fast=True, replicate_weights=lora, lora_scale=scale * multiplier) - base
         mismatch[multiplier] = float(np.abs(fast_effect - standard_effect).mean() / np.abs(standard_effect).mean())
     return mismatch
 

@@ -95,7 +95,9 @@ def test_the_chosen_kernel_runs_both_transformers(
     def pixels(predictor: Any, **inputs: Any) -> np.ndarray:
         return np.asarray(image_of(fast(predictor, prompt="a cat", output_format="png", **inputs)[0]), np.float32)
 
-    # Another kernel, the same image up to its rounding: far closer than another seed.
+    # Another kernel, the same image up to its rounding: far closer than another seed; go_fast with it too,
+    # up to int8's rounding.
     default = pixels(predictor)
-    assert np.abs(pixels(chosen) - default).mean() < 0.05 * np.abs(pixels(predictor, seed=8) - default).mean()
-    assert pixels(chosen, go_fast=True).shape == default.shape
+    another_seed = np.abs(pixels(predictor, seed=8) - default).mean()
+    assert np.abs(pixels(chosen) - default).mean() < 0.05 * another_seed
+    assert np.abs(pixels(chosen, go_fast=True) - pixels(chosen)).mean() < 0.25 * another_seed

@@ -172,7 +172,7 @@ def test_no_recompiles_and_no_graph_breaks_after_warm_up(compiled: Any, loras: d
         {"image": tmp_path / "in.png", "mask": tmp_path / "mask.png", "replicate_weights": loras["r16"]},
         {"model": "schnell", "replicate_weights": loras["r64"], "width": 336, "height": 272},
         {"replicate_weights": loras["r100"]},  # eager beside the slot (standard); go_fast's slot is wider
-        {"replicate_weights": loras["biases"], "num_outputs": 2},  # eager: in-place deltas, on both paths
+        {"replicate_weights": loras["biases"], "num_outputs": 2},  # eager on the standard path; in place on go_fast
         {"replicate_weights": loras["r4"], "num_outputs": 2},  # the slot again, after adapters beside it
         {"width": 512, "height": 384},
     ]
